@@ -1,0 +1,45 @@
+# Two commands do all the set-up on a fresh machine (each makes .venv when missing):
+#   make demo   train if there is no model, serve it, score the test set through the server
+#   make test   lint, type-check and run the whole test suite
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-dev
+MODEL_DIR ?= models/mnist
+export MNIST_PATH ?= $(abspath ../shared/data/mnist.npz)
+
+.PHONY: demo test lint typecheck pytest proto venv clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	touch $@
+
+demo: $(STAMP)
+	$(BIN)/python scripts/demo.py --model-dir $(MODEL_DIR)
+
+test: lint typecheck pytest
+
+pytest: $(STAMP)
+	$(BIN)/python -m pytest
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+# mypy cannot follow setuptools' editable-install finder, so it reads the packages
+# through a throw-away tree of links that mirrors the installed names.
+typecheck: $(STAMP)
+	rm -rf .typecheck && mkdir -p .typecheck/mnist_serving
+	for d in protos trainer server client; do ln -s ../../$$d .typecheck/mnist_serving/$$d; done
+	MYPYPATH=.typecheck $(BIN)/mypy -p mnist_serving.protos -p mnist_serving.trainer \
+		-p mnist_serving.server -p mnist_serving.client
+
+proto: $(STAMP)
+	$(BIN)/python protos/generate.py
+
+clean:
+	rm -rf $(VENV) .typecheck .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,1 @@
+"""The trainer job: MNIST in, a versioned SavedModel (and its report) out."""
