@@ -1,0 +1,43 @@
+"""Client of the mnist-serving gRPC API: library (sync and asyncio), CLI, batch scoring.
+
+    from mnist_serving.client import MnistClient
+
+    with MnistClient("localhost:8500") as client:
+        prediction = client.predict(images)  # uint8 [N, 28, 28]
+        prediction.classes, prediction.probabilities, prediction.model_version
+
+No TensorFlow here: the base install is grpcio, protobuf, numpy and tqdm (Pillow for images).
+"""
+
+from .aio import AsyncMnistClient
+from .client import NO_RETRY, SERVICE_NAME, MnistClient, RetryPolicy
+from .codec import Prediction
+from .errors import (
+    DeadlineExceeded,
+    InvalidInput,
+    MnistError,
+    NotFound,
+    Overloaded,
+    ProtocolError,
+    Unavailable,
+)
+from .metadata import ModelMetadata, TensorSpec, VersionInfo
+
+__all__ = [
+    "NO_RETRY",
+    "SERVICE_NAME",
+    "AsyncMnistClient",
+    "DeadlineExceeded",
+    "InvalidInput",
+    "MnistClient",
+    "MnistError",
+    "ModelMetadata",
+    "NotFound",
+    "Overloaded",
+    "Prediction",
+    "ProtocolError",
+    "RetryPolicy",
+    "TensorSpec",
+    "Unavailable",
+    "VersionInfo",
+]

@@ -1,0 +1,210 @@
+"""The blocking client: `MnistClient(target).predict(images)`.
+
+Retries are gRPC's own (a retryPolicy in the channel's service config): exponential backoff
+with full jitter, within the call's deadline, only for UNAVAILABLE and RESOURCE_EXHAUSTED.
+Predict is idempotent, so resending it is safe; health checks are never retried so that a
+probe reports what it sees.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any
+
+import grpc
+import numpy as np
+import numpy.typing as npt
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from mnist_serving.protos.mnist.v1 import predict_pb2, predict_pb2_grpc
+
+from .codec import Prediction, as_batch, decode_prediction, encode_images
+from .errors import from_rpc_error
+from .metadata import ModelMetadata
+
+logger = logging.getLogger(__name__)
+
+SERVICE_NAME = "mnist.v1.MnistService"
+DEFAULT_TIMEOUT = 30.0
+DEFAULT_MAX_IMAGES_PER_REQUEST = 1024
+# gRPC clamps maxAttempts to 5 (the first try and four retries).
+MAX_ATTEMPTS_LIMIT = 5
+_MIB = 1 << 20
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Retry UNAVAILABLE and RESOURCE_EXHAUSTED: attempt n waits a random time in
+    [0, min(initial_backoff * backoff_multiplier ** (n - 1), max_backoff)] seconds."""
+
+    max_attempts: int = 5
+    initial_backoff: float = 0.2
+    max_backoff: float = 5.0
+    backoff_multiplier: float = 2.0
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.max_attempts <= MAX_ATTEMPTS_LIMIT:
+            raise ValueError(f"max_attempts must be 1..{MAX_ATTEMPTS_LIMIT} (gRPC's limit)")
+        if min(self.initial_backoff, self.max_backoff) <= 0 or self.backoff_multiplier <= 0:
+            raise ValueError("backoff times and multiplier must be positive")
+
+    def service_config(self) -> dict[str, Any]:
+        if self.max_attempts == 1:
+            return {}
+        policy = {
+            "maxAttempts": self.max_attempts,
+            "initialBackoff": f"{self.initial_backoff:.9f}s",
+            "maxBackoff": f"{self.max_backoff:.9f}s",
+            "backoffMultiplier": self.backoff_multiplier,
+            "retryableStatusCodes": ["UNAVAILABLE", "RESOURCE_EXHAUSTED"],
+        }
+        return {"methodConfig": [{"name": [{"service": SERVICE_NAME}], "retryPolicy": policy}]}
+
+
+DEFAULT_RETRY = RetryPolicy()
+NO_RETRY = RetryPolicy(max_attempts=1)
+
+
+def channel_options(
+    max_images_per_request: int,
+    retry: RetryPolicy,
+    extra: Sequence[tuple[str, Any]] = (),
+) -> list[tuple[str, Any]]:
+    # A float32 batch is 3136 bytes per image; gRPC's 4 MiB default receive limit stops at
+    # ~1300 images. The retry buffer must hold a whole request or gRPC silently stops
+    # retrying it.
+    largest = max(64 * _MIB, max_images_per_request * 28 * 28 * 4 + _MIB)
+    options: list[tuple[str, Any]] = [
+        ("grpc.max_send_message_length", largest),
+        ("grpc.max_receive_message_length", largest),
+        ("grpc.enable_retries", 1),
+        ("grpc.per_rpc_retry_buffer_size", largest),
+        ("grpc.service_config", json.dumps(retry.service_config())),
+    ]
+    return options + list(extra)
+
+
+def predict_request(
+    batch: npt.NDArray[np.uint8] | npt.NDArray[np.float32], model_name: str, version: int
+) -> predict_pb2.PredictRequest:
+    return predict_pb2.PredictRequest(
+        model_spec=predict_pb2.ModelSpec(name=model_name, version=version),
+        images=encode_images(batch),
+    )
+
+
+def status_name(status: int) -> str:
+    return str(health_pb2.HealthCheckResponse.ServingStatus.Name(status))
+
+
+def check_settings(timeout: float | None, max_images_per_request: int) -> None:
+    if timeout is not None and timeout <= 0:
+        raise ValueError("timeout must be positive (or None for no deadline)")
+    if max_images_per_request < 1:
+        raise ValueError("max_images_per_request must be at least 1")
+
+
+class MnistClient:
+    """A blocking client of `mnist.v1.MnistService`; thread-safe, one channel.
+
+    `timeout` is each RPC's deadline in seconds, retries included (a big `predict` makes one
+    RPC per `max_images_per_request` images). `credentials` (e.g.
+    `grpc.ssl_channel_credentials(...)`) selects TLS. Use as a context manager, or `close()`.
+    """
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        credentials: grpc.ChannelCredentials | None = None,
+        timeout: float | None = DEFAULT_TIMEOUT,
+        max_images_per_request: int = DEFAULT_MAX_IMAGES_PER_REQUEST,
+        retry: RetryPolicy = DEFAULT_RETRY,
+        model_name: str = "",
+        wait_for_ready: bool = False,
+        options: Sequence[tuple[str, Any]] = (),
+    ) -> None:
+        check_settings(timeout, max_images_per_request)
+        self.target = target
+        self.timeout = timeout
+        self.max_images_per_request = max_images_per_request
+        self.model_name = model_name
+        self.wait_for_ready = wait_for_ready
+        opts = channel_options(max_images_per_request, retry, options)
+        if credentials is None:
+            self._channel = grpc.insecure_channel(target, options=opts)
+        else:
+            self._channel = grpc.secure_channel(target, credentials, options=opts)
+        self._stub = predict_pb2_grpc.MnistServiceStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
+
+    def predict(
+        self,
+        images: npt.ArrayLike,
+        *,
+        model_version: int = 0,
+        timeout: float | None = None,
+    ) -> Prediction:
+        """Classify images (see `as_batch` for accepted shapes and dtypes), in input order.
+
+        `model_version` 0 means the newest version; the parts of a split call are all pinned
+        to the version that answered the first part, so one call never mixes versions.
+        """
+        batch = as_batch(images)
+        parts: list[Prediction] = []
+        version = model_version
+        for start in range(0, len(batch), self.max_images_per_request):
+            chunk = batch[start : start + self.max_images_per_request]
+            request = predict_request(chunk, self.model_name, version)
+            try:
+                response = self._stub.Predict(
+                    request,
+                    timeout=self._timeout(timeout),
+                    wait_for_ready=self.wait_for_ready,
+                )
+            except grpc.RpcError as error:
+                raise from_rpc_error(error) from error
+            parts.append(decode_prediction(response, len(chunk)))
+            version = version or parts[-1].model_version
+        return Prediction.concatenate(parts)
+
+    def metadata(self, *, timeout: float | None = None) -> ModelMetadata:
+        request = predict_pb2.GetModelMetadataRequest(name=self.model_name)
+        try:
+            response = self._stub.GetModelMetadata(
+                request, timeout=self._timeout(timeout), wait_for_ready=self.wait_for_ready
+            )
+        except grpc.RpcError as error:
+            raise from_rpc_error(error) from error
+        return ModelMetadata.from_proto(response)
+
+    def health(self, service: str = SERVICE_NAME, *, timeout: float | None = None) -> str:
+        """The serving status of `service` ("" = the whole server): "SERVING",
+        "NOT_SERVING", ... Raises Unavailable when the server cannot be reached."""
+        request = health_pb2.HealthCheckRequest(service=service)
+        try:
+            response = self._health.Check(request, timeout=self._timeout(timeout))
+        except grpc.RpcError as error:
+            raise from_rpc_error(error) from error
+        return status_name(response.status)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> MnistClient:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def _timeout(self, timeout: float | None) -> float | None:
+        return self.timeout if timeout is None else timeout

@@ -1,0 +1,68 @@
+"""Typed client errors: each carries the gRPC status code and the server's message.
+
+`from_rpc_error` is the one table that maps a gRPC status to an exception class.
+"""
+
+from __future__ import annotations
+
+import grpc
+
+
+class MnistError(Exception):
+    """Any failed call: `.code` is the gRPC status (None for client-side faults), `.details`
+    the server's (or the client's) message."""
+
+    def __init__(self, details: str, code: grpc.StatusCode | None = None) -> None:
+        super().__init__(details)
+        self.code = code
+        self.details = details
+
+    def __str__(self) -> str:
+        if self.code is None:
+            return self.details
+        return f"{self.code.name}: {self.details}"
+
+
+class InvalidInput(MnistError):
+    """The images (or a parameter) were rejected, by the server or before sending."""
+
+    def __init__(
+        self, details: str, code: grpc.StatusCode | None = grpc.StatusCode.INVALID_ARGUMENT
+    ) -> None:
+        super().__init__(details, code)
+
+
+class NotFound(MnistError):
+    """Unknown model name or version (or health service name)."""
+
+
+class Overloaded(MnistError):
+    """RESOURCE_EXHAUSTED: the server shed the request (queue full), even after retries."""
+
+
+class Unavailable(MnistError):
+    """UNAVAILABLE: server unreachable or shutting down, even after retries."""
+
+
+class DeadlineExceeded(MnistError):
+    """The call's deadline passed (across all its attempts)."""
+
+
+class ProtocolError(MnistError):
+    """The server answered with something that breaks the API contract."""
+
+
+_BY_CODE: dict[grpc.StatusCode, type[MnistError]] = {
+    grpc.StatusCode.INVALID_ARGUMENT: InvalidInput,
+    grpc.StatusCode.NOT_FOUND: NotFound,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: Overloaded,
+    grpc.StatusCode.UNAVAILABLE: Unavailable,
+    grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
+}
+
+
+def from_rpc_error(error: grpc.RpcError) -> MnistError:
+    """The typed exception for a failed call (works for sync and grpc.aio errors)."""
+    code: grpc.StatusCode = error.code()
+    details: str = error.details() or code.name
+    return _BY_CODE.get(code, MnistError)(details, code)
