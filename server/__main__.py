@@ -1,0 +1,66 @@
+"""`mnist-serve` / `python -m mnist_serving.server`: settings, logging, run until SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+
+from pydantic import ValidationError
+from pydantic_settings import CliApp, SettingsError
+
+from .errors import StartupError
+from .logs import configure_logging
+from .settings import Settings
+
+logger = logging.getLogger("mnist_serving.server")
+
+
+def parse_settings(argv: list[str]) -> Settings:
+    """Settings from flags and MNIST_SERVING_* variables; exit code 2 on a bad value."""
+    try:
+        return CliApp.run(Settings, cli_args=argv)
+    except ValidationError as error:
+        for problem in error.errors():
+            where = ".".join(str(part) for part in problem["loc"]) or "settings"
+            print(f"mnist-serve: bad setting {where}: {problem['msg']}", file=sys.stderr)
+    except SettingsError as error:
+        print(f"mnist-serve: {error}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+async def serve(settings: Settings) -> None:
+    from .app import ModelServer  # imports TensorFlow: after the settings are known good
+
+    server = ModelServer(settings)
+    loop = asyncio.get_running_loop()
+    stopping: asyncio.Task[None] | None = None
+
+    def on_signal(signum: int) -> None:
+        nonlocal stopping
+        logger.info("signal received", extra={"signal": signal.Signals(signum).name})
+        if stopping is None:
+            stopping = loop.create_task(server.stop())
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, on_signal, signum)
+    await server.start()
+    await server.wait_stopped()
+
+
+def main(argv: list[str] | None = None) -> None:
+    settings = parse_settings(sys.argv[1:] if argv is None else argv)
+    configure_logging(settings.log_level)
+    if not settings.model_dir.is_dir():
+        print(f"mnist-serve: model dir {settings.model_dir} does not exist", file=sys.stderr)
+        raise SystemExit(2)
+    try:
+        asyncio.run(serve(settings))
+    except (StartupError, OSError) as error:
+        logger.error("cannot start", extra={"error": str(error)})
+        raise SystemExit(1) from None
+
+
+if __name__ == "__main__":
+    main()

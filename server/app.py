@@ -1,0 +1,112 @@
+"""Build and run the grpc.aio server: services, health, reflection, metrics port, shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from wsgiref.simple_server import WSGIServer
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import start_http_server
+
+from mnist_serving.protos.mnist.v1 import predict_pb2, predict_pb2_grpc
+
+from .core import InferenceCore
+from .errors import StartupError
+from .servicer import MnistServicer
+from .settings import Settings
+from .versions import ModelRegistry
+
+logger = logging.getLogger(__name__)
+
+# A 4096-image float32 batch is 12.8 MB; leave room for the largest allowed request.
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+NATIVE_SERVICE = predict_pb2.DESCRIPTOR.services_by_name["MnistService"].full_name
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+class ModelServer:
+    """One server process: `await start()`, then `await stop()` (or SIGTERM via __main__)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        # One inference thread: TensorFlow already spreads one call over the cores, and
+        # serialising calls is what lets the batcher merge the requests that queue meanwhile.
+        self._inference = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
+        self.registry = ModelRegistry(settings, self._inference)
+        self.core = InferenceCore(self.registry, settings)
+        self.health = health.aio.HealthServicer()
+        self._grpc = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.so_reuseport", 0),
+            ]
+        )
+        self._metrics_http: WSGIServer | None = None
+        self._poller: asyncio.Task[None] | None = None
+        self.port = 0
+        self.metrics_port = 0
+        self._stopped = asyncio.Event()
+
+    async def start(self) -> None:
+        """Load the model, then open the ports; health says SERVING only once ready."""
+        for service in ("", NATIVE_SERVICE):
+            await self.health.set(service, NOT_SERVING)
+        await self.registry.refresh()
+        if not self.registry.served:
+            raise StartupError(
+                f"no loadable model version under {self.settings.model_dir} "
+                "(expected <model-dir>/<version>/saved_model.pb; run mnist-train first)"
+            )
+        predict_pb2_grpc.add_MnistServiceServicer_to_server(MnistServicer(self.core), self._grpc)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
+        reflection.enable_server_reflection(
+            (NATIVE_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), self._grpc
+        )
+        address = f"{self.settings.host}:{self.settings.port}"
+        self.port = self._grpc.add_insecure_port(address)
+        if self.port == 0:
+            raise StartupError(f"cannot listen on {address}")
+        self._metrics_http, _ = start_http_server(self.settings.metrics_port, self.settings.host)
+        self.metrics_port = self._metrics_http.server_port
+        await self._grpc.start()
+        for service in ("", NATIVE_SERVICE):
+            await self.health.set(service, SERVING)
+        if self.settings.poll_interval > 0:
+            self._poller = asyncio.get_running_loop().create_task(self.registry.poll())
+        logger.info(
+            "serving",
+            extra={
+                "port": self.port,
+                "metrics_port": self.metrics_port,
+                "model": self.settings.model_name,
+                "versions": [s.version for s in self.registry.served],
+                "batching": self.settings.batching,
+            },
+        )
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Say NOT_SERVING, refuse new calls, let in-flight ones finish within `grace`."""
+        if self._stopped.is_set():
+            return
+        grace = self.settings.grace_period if grace is None else grace
+        logger.info("shutting down", extra={"grace_seconds": grace})
+        await self.health.enter_graceful_shutdown()
+        if self._poller is not None:
+            self._poller.cancel()
+        await self._grpc.stop(grace)
+        await self.registry.close()
+        if self._metrics_http is not None:
+            self._metrics_http.shutdown()
+            self._metrics_http.server_close()
+        self._inference.shutdown(wait=False)
+        self._stopped.set()
+        logger.info("stopped")
+
+    async def wait_stopped(self) -> None:
+        await self._stopped.wait()

@@ -1,0 +1,89 @@
+"""Load one SavedModel version, warm it up, and run it. The only TensorFlow import in server/."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mnist_serving.trainer.tfquiet import import_tensorflow
+
+from .errors import InvalidInput
+
+logger = logging.getLogger(__name__)
+
+# The trainer's export contract (trainer/export.py).
+SIGNATURES = {"uint8": "serving_default", "float32": "serving_float"}
+INPUT_NAME = "images"
+NUM_CLASSES = 10
+REPORT = Path("assets.extra") / "metrics.json"
+
+
+@dataclass(frozen=True)
+class Prediction:
+    probabilities: np.ndarray  # float32 [N, 10]
+    classes: np.ndarray  # int64 [N]
+
+    def __len__(self) -> int:
+        return len(self.classes)
+
+
+@dataclass
+class LoadedModel:
+    name: str
+    version: int
+    path: Path
+    load_seconds: float
+    report: dict[str, Any] = field(default_factory=dict)
+    _functions: dict[str, Any] = field(default_factory=dict, repr=False)
+    _saved: Any = field(default=None, repr=False)
+
+    def predict(self, images: np.ndarray) -> Prediction:
+        """Run the signature that matches images.dtype on [N, 28, 28]; blocking."""
+        function = self._functions.get(images.dtype.name)
+        if function is None:
+            raise InvalidInput(f"no signature takes {images.dtype.name} images")
+        outputs = function(**{INPUT_NAME: images})
+        return Prediction(
+            probabilities=outputs["probabilities"].numpy(),
+            classes=outputs["classes"].numpy(),
+        )
+
+
+def load_model(path: Path, name: str, version: int, verbose: bool = False) -> LoadedModel:
+    """Load <path>, check its signatures against the export contract, and warm it up."""
+    tf = import_tensorflow(verbose)
+    started = time.perf_counter()
+    saved = tf.saved_model.load(str(path))
+    functions = {}
+    for dtype, signature in SIGNATURES.items():
+        if signature not in saved.signatures:
+            raise ValueError(f"{path} has no {signature!r} signature")
+        function = saved.signatures[signature]
+        spec = function.structured_input_signature[1].get(INPUT_NAME)
+        if spec is None or spec.dtype.name != dtype or spec.shape.as_list() != [None, 28, 28]:
+            raise ValueError(f"{path} signature {signature!r} does not take {dtype} [N, 28, 28]")
+        functions[dtype] = function
+    model = LoadedModel(name, version, path, 0.0, _read_report(path), functions, saved)
+    for dtype in functions:
+        # The first calls trace and allocate; pay for them before taking traffic.
+        for count in (1, 32):
+            result = model.predict(np.zeros((count, 28, 28), dtype=dtype))
+            if result.probabilities.shape != (count, NUM_CLASSES):
+                raise ValueError(f"{path} returns probabilities {result.probabilities.shape}")
+    model.load_seconds = time.perf_counter() - started
+    return model
+
+
+def _read_report(path: Path) -> dict[str, Any]:
+    try:
+        report = json.loads((path / REPORT).read_text())
+    except (OSError, ValueError):
+        logger.warning("no readable training report", extra={"path": str(path / REPORT)})
+        return {}
+    return report if isinstance(report, dict) else {}

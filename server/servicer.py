@@ -1,0 +1,79 @@
+"""The native API (mnist.v1.MnistService): proto in, call the core, proto out."""
+
+from __future__ import annotations
+
+import grpc
+
+from mnist_serving.protos.mnist.v1 import predict_pb2 as pb
+from mnist_serving.protos.mnist.v1 import predict_pb2_grpc
+
+from .core import CLASS_LABELS, InferenceCore
+from .errors import rpc_method
+
+DTYPE_NAMES = {pb.DATA_TYPE_UINT8: "uint8", pb.DATA_TYPE_FLOAT32: "float32"}
+_INPUTS = [
+    pb.TensorSpec(name="images", dtype=dtype, shape=shape)
+    for dtype in (pb.DATA_TYPE_UINT8, pb.DATA_TYPE_FLOAT32)
+    for shape in ([-1, 28, 28], [-1, 784])
+]
+_OUTPUTS = [
+    pb.TensorSpec(name="probabilities", dtype=pb.DATA_TYPE_FLOAT32, shape=[-1, 10]),
+    pb.TensorSpec(name="classes", dtype=pb.DATA_TYPE_INT64, shape=[-1]),
+]
+
+
+class MnistServicer(predict_pb2_grpc.MnistServiceServicer):  # type: ignore[misc]
+    def __init__(self, core: InferenceCore) -> None:
+        self.core = core
+
+    @rpc_method("native", "Predict")
+    async def Predict(
+        self, request: pb.PredictRequest, context: grpc.aio.ServicerContext
+    ) -> pb.PredictResponse:
+        images = request.images
+        answer = await self.core.predict(
+            model_name=request.model_spec.name,
+            version=request.model_spec.version,
+            dtype=DTYPE_NAMES.get(images.dtype, pb.DataType.Name(images.dtype)),
+            shape=images.shape,
+            content=images.content,
+            time_remaining=context.time_remaining(),
+        )
+        probabilities = answer.prediction.probabilities
+        classes = answer.prediction.classes
+        return pb.PredictResponse(
+            model_spec=pb.ModelSpec(name=answer.model_name, version=answer.version),
+            probabilities=pb.Tensor(
+                dtype=pb.DATA_TYPE_FLOAT32,
+                shape=probabilities.shape,
+                content=probabilities.astype("<f4", copy=False).tobytes(),
+            ),
+            classes=pb.Tensor(
+                dtype=pb.DATA_TYPE_INT64,
+                shape=classes.shape,
+                content=classes.astype("<i8", copy=False).tobytes(),
+            ),
+        )
+
+    @rpc_method("native", "GetModelMetadata")
+    async def GetModelMetadata(
+        self, request: pb.GetModelMetadataRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetModelMetadataResponse:
+        versions = self.core.versions(request.name)
+        return pb.GetModelMetadataResponse(
+            name=self.core.model_name,
+            versions=[
+                pb.VersionInfo(
+                    version=v.version,
+                    test_accuracy=float(v.report.get("test_accuracy") or 0.0),
+                    test_loss=float(v.report.get("test_loss") or 0.0),
+                    trained_at=str(v.report.get("trained_at") or ""),
+                    architecture=str(v.report.get("architecture") or ""),
+                )
+                for v in versions
+            ],
+            inputs=_INPUTS,
+            outputs=_OUTPUTS,
+            class_labels=CLASS_LABELS,
+            max_images_per_request=self.core.settings.max_images_per_request,
+        )

@@ -1,0 +1,79 @@
+"""mnist-serve settings: one typed object, from flags or MNIST_SERVING_* variables.
+
+Built once in __main__ (or by a test) and passed in; nothing reads configuration at import
+time. A bad value stops start-up with a message naming the setting (exit code 2).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Serve the MNIST SavedModel over gRPC. Every flag is also an environment variable:
+    --model-dir is MNIST_SERVING_MODEL_DIR, and so on."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="MNIST_SERVING_",
+        cli_prog_name="mnist-serve",
+        cli_kebab_case=True,
+        cli_implicit_flags=True,
+        protected_namespaces=(),
+        frozen=True,
+    )
+
+    model_dir: Path = Field(
+        Path("models/mnist"), description="base path holding <version>/ SavedModel folders"
+    )
+    model_name: str = Field("mnist", min_length=1, description="the name requests address")
+    host: str = Field("0.0.0.0", description="address to listen on")
+    port: int = Field(8500, ge=0, le=65535, description="gRPC port (0 picks a free one)")
+    metrics_port: int = Field(
+        8501, ge=0, le=65535, description="Prometheus /metrics port (0 picks a free one)"
+    )
+    max_images_per_request: int = Field(
+        4096, ge=1, le=65536, description="largest batch one request may carry"
+    )
+    batching: bool = Field(True, description="merge concurrent requests into one model call")
+    max_batch_size: int = Field(256, ge=1, description="images per model call, at most")
+    batch_timeout_ms: float = Field(
+        0.0,
+        ge=0,
+        le=1000,
+        description="how long the oldest queued request may wait for others to join; "
+        "batches also form while the model is busy",
+    )
+    max_queued_images: int = Field(
+        16384, ge=1, description="images waiting for the model before new calls are shed"
+    )
+    poll_interval: float = Field(
+        2.0, ge=0, description="seconds between scans of --model-dir for versions (0: load once)"
+    )
+    version_policy: Literal["latest", "all", "specific"] = Field(
+        "latest", description="which versions to serve"
+    )
+    num_latest: int = Field(1, ge=1, description="how many newest versions 'latest' keeps")
+    versions: list[int] = Field(
+        default_factory=list, description="the versions 'specific' serves"
+    )
+    grace_period: float = Field(
+        10.0, ge=0, description="seconds in-flight calls get to finish on SIGTERM"
+    )
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    verbose_tensorflow: bool = Field(
+        False, description="let TensorFlow print its start-up logs (CUDA, oneDNN)"
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> Settings:
+        if self.max_batch_size > self.max_queued_images:
+            raise ValueError("max_batch_size must not exceed max_queued_images")
+        if self.version_policy == "specific" and not self.versions:
+            raise ValueError("version_policy 'specific' needs --versions, e.g. --versions 1,2")
+        if any(v < 1 for v in self.versions):
+            raise ValueError("versions are positive integers")
+        return self

@@ -1,0 +1,58 @@
+"""Decode request tensors into arrays and check them before they reach the model.
+
+Independent of any proto: servicers hand over a dtype name, a shape and the raw bytes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from .errors import InvalidInput
+
+IMAGE_SIDE = 28
+PIXELS = IMAGE_SIDE * IMAGE_SIDE
+# Little-endian on the wire, whatever the host.
+DTYPES: dict[str, np.dtype] = {"uint8": np.dtype("u1"), "float32": np.dtype("<f4")}
+ACCEPTED_SHAPES = "[N, 28, 28] or [N, 784]"
+
+
+def decode_images(
+    dtype: str, shape: Sequence[int], content: bytes, max_images: int
+) -> np.ndarray:
+    """The request's images as a read-only [N, 28, 28] array of `dtype`, without copying."""
+    if dtype not in DTYPES:
+        raise InvalidInput(f"images dtype {dtype} is not accepted; send uint8 or float32")
+    shape = tuple(int(d) for d in shape)
+    if shape[1:] not in ((IMAGE_SIDE, IMAGE_SIDE), (PIXELS,)):
+        raise InvalidInput(f"images shape {list(shape)} is not accepted; send {ACCEPTED_SHAPES}")
+    count = shape[0]
+    if count < 1:
+        raise InvalidInput("a request must carry at least one image (N >= 1)")
+    if count > max_images:
+        raise InvalidInput(
+            f"a request carries at most {max_images} images, got {count}; split the batch"
+        )
+    item = DTYPES[dtype]
+    expected = count * PIXELS * item.itemsize
+    if len(content) != expected:
+        raise InvalidInput(
+            f"images content is {len(content)} bytes; {dtype} shape {list(shape)} "
+            f"needs {expected} ({count} x {PIXELS} x {item.itemsize})"
+        )
+    images = np.frombuffer(content, dtype=item).reshape(count, IMAGE_SIDE, IMAGE_SIDE)
+    if dtype == "float32":
+        check_scaled(images)
+    return images
+
+
+def check_scaled(images: np.ndarray) -> None:
+    """Float pixels must be finite and in [0, 1] (the model was trained on that range)."""
+    low, high = images.min(), images.max()  # NaN propagates, so NaN fails the test below
+    if not (low >= 0.0 and high <= 1.0):
+        bad = images[~((images >= 0.0) & (images <= 1.0))]
+        raise InvalidInput(
+            f"float32 pixels must be finite and scaled to [0, 1]; found {bad.flat[0]!r} "
+            f"({bad.size} values outside). Send uint8 for raw 0..255 pixels"
+        )
