@@ -48,6 +48,10 @@ class DeadlineExceeded(MnistError):
     """The call's deadline passed (across all its attempts)."""
 
 
+class InputFileError(ValueError):
+    """An input file that cannot be read as images; the message names the file."""
+
+
 class ProtocolError(MnistError):
     """The server answered with something that breaks the API contract."""
 
