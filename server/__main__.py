@@ -23,8 +23,10 @@ def parse_settings(argv: list[str]) -> Settings:
         return CliApp.run(Settings, cli_args=argv)
     except ValidationError as error:
         for problem in error.errors():
-            where = ".".join(str(part) for part in problem["loc"]) or "settings"
-            print(f"mnist-serve: bad setting {where}: {problem['msg']}", file=sys.stderr)
+            field = ".".join(str(part) for part in problem["loc"])
+            where = f"--{field.replace('_', '-')}" if field else "settings"
+            message = problem["msg"].removeprefix("Value error, ")
+            print(f"mnist-serve: bad {where}: {message}", file=sys.stderr)
     except SettingsError as error:
         print(f"mnist-serve: {error}", file=sys.stderr)
     raise SystemExit(2)

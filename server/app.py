@@ -8,6 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 from wsgiref.simple_server import WSGIServer
 
 import grpc
+from grpc_health.v1 import _async as health_aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
@@ -39,7 +40,7 @@ class ModelServer:
         self._inference = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
         self.registry = ModelRegistry(settings, self._inference)
         self.core = InferenceCore(self.registry, settings)
-        self.health = health.aio.HealthServicer()
+        self.health = health_aio.HealthServicer()
         self._grpc = grpc.aio.server(
             options=[
                 ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),

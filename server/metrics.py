@@ -27,16 +27,12 @@ REQUEST_SECONDS = Histogram(
     "request_duration_seconds", "Time from receiving an RPC to answering it.",
     ["api", "method"], namespace=NAMESPACE, buckets=LATENCY_BUCKETS,
 )  # fmt: skip
-IN_FLIGHT = Gauge(
-    "requests_in_flight", "RPCs being handled right now.", namespace=NAMESPACE
-)
+IN_FLIGHT = Gauge("requests_in_flight", "RPCs being handled right now.", namespace=NAMESPACE)
 QUEUE_WAIT = Histogram(
     "batch_queue_wait_seconds", "Time a request waited in the batch queue.",
     namespace=NAMESPACE, buckets=LATENCY_BUCKETS,
 )  # fmt: skip
-QUEUE_DEPTH = Gauge(
-    "batch_queue_depth", "Images waiting in the batch queue.", namespace=NAMESPACE
-)
+QUEUE_DEPTH = Gauge("batch_queue_depth", "Images waiting in the batch queue.", namespace=NAMESPACE)
 REQUESTS_SHED = Counter(
     "requests_shed", "Requests refused because the batch queue was full.", namespace=NAMESPACE
 )

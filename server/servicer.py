@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import grpc
 
 from mnist_serving.protos.mnist.v1 import predict_pb2 as pb
@@ -28,7 +30,7 @@ class MnistServicer(predict_pb2_grpc.MnistServiceServicer):  # type: ignore[misc
 
     @rpc_method("native", "Predict")
     async def Predict(
-        self, request: pb.PredictRequest, context: grpc.aio.ServicerContext
+        self, request: pb.PredictRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.PredictResponse:
         images = request.images
         answer = await self.core.predict(
@@ -57,7 +59,7 @@ class MnistServicer(predict_pb2_grpc.MnistServiceServicer):  # type: ignore[misc
 
     @rpc_method("native", "GetModelMetadata")
     async def GetModelMetadata(
-        self, request: pb.GetModelMetadataRequest, context: grpc.aio.ServicerContext
+        self, request: pb.GetModelMetadataRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.GetModelMetadataResponse:
         versions = self.core.versions(request.name)
         return pb.GetModelMetadataResponse(

@@ -57,9 +57,7 @@ class Settings(BaseSettings):
         "latest", description="which versions to serve"
     )
     num_latest: int = Field(1, ge=1, description="how many newest versions 'latest' keeps")
-    versions: list[int] = Field(
-        default_factory=list, description="the versions 'specific' serves"
-    )
+    versions: list[int] = Field(default_factory=list, description="the versions 'specific' serves")
     grace_period: float = Field(
         10.0, ge=0, description="seconds in-flight calls get to finish on SIGTERM"
     )

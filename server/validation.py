@@ -18,9 +18,7 @@ DTYPES: dict[str, np.dtype] = {"uint8": np.dtype("u1"), "float32": np.dtype("<f4
 ACCEPTED_SHAPES = "[N, 28, 28] or [N, 784]"
 
 
-def decode_images(
-    dtype: str, shape: Sequence[int], content: bytes, max_images: int
-) -> np.ndarray:
+def decode_images(dtype: str, shape: Sequence[int], content: bytes, max_images: int) -> np.ndarray:
     """The request's images as a read-only [N, 28, 28] array of `dtype`, without copying."""
     if dtype not in DTYPES:
         raise InvalidInput(f"images dtype {dtype} is not accepted; send uint8 or float32")

@@ -5,9 +5,12 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from .support import ServerProcess
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -63,3 +66,19 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     model_dir = tmp_path_factory.mktemp("tiny") / "mnist"
     export_saved_model(build_model("mlp"), model_dir, version=1)
     return model_dir
+
+
+@pytest.fixture(scope="session")
+def served_tiny(tiny_model_dir: Path) -> Iterator[ServerProcess]:
+    """A server on the untrained tiny model: for API behaviour that needs no accuracy."""
+    server = ServerProcess(tiny_model_dir, "--poll-interval", "0")
+    yield server
+    assert server.stop() == 0, server.log
+
+
+@pytest.fixture(scope="session")
+def served_trained(trained_model_dir: Path) -> Iterator[ServerProcess]:
+    """A server on the real 5-epoch model trained on MNIST."""
+    server = ServerProcess(trained_model_dir, "--poll-interval", "0")
+    yield server
+    assert server.stop() == 0, server.log
