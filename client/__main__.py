@@ -21,8 +21,7 @@ import numpy as np
 from .client import DEFAULT_TIMEOUT, SERVICE_NAME, MnistClient
 from .codec import Prediction
 from .errors import InputFileError, MnistError
-from .images import looks_inverted
-from .inputs import SPLITS, ImageFilesSource, open_source
+from .inputs import SPLITS, open_source
 from .scoring import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_CONCURRENCY,
@@ -225,16 +224,8 @@ def _predict(args: argparse.Namespace) -> int:
         images, bad = source.load(0, len(source))
         if bad:
             raise InputFileError(next(iter(bad.values())))
-        if isinstance(source, ImageFilesSource):
-            if len(source) == 1 and not path.is_dir():
-                keys = [str(path)]
-            else:
-                keys = [f"{path}/{source.key(i)}" for i in range(len(source))]
-            for key, image in zip(keys, images, strict=True):
-                if not args.invert and looks_inverted(image):
-                    logger.warning(
-                        "%s looks like a dark digit on a light background; try --invert", key
-                    )
+        if path.is_dir():
+            keys = [f"{path}/{source.key(i)}" for i in range(len(source))]
         elif len(source) == 1:
             keys = [str(path)]
         else:

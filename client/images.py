@@ -28,6 +28,10 @@ class ImageError(InputFileError):
     """An image that cannot be turned into a digit; the message names the file."""
 
 
+class LightBackground(ImageError):
+    """Most of the border is bright: not white ink on a dark ground."""
+
+
 def require_pillow() -> None:
     try:
         import PIL  # noqa: F401
@@ -64,6 +68,14 @@ def read_image(path: Path, *, invert: bool = False) -> npt.NDArray[np.uint8]:
         gray = 255.0 - gray
     try:
         return mnist_layout(gray)
+    except LightBackground:
+        hint = (
+            "it is light around the edges after --invert: drop --invert"
+            if invert
+            else "it is light around the edges: for a dark digit on a light background "
+            "pass --invert"
+        )
+        raise ImageError(f"{path}: {hint}") from None
     except ImageError as error:
         raise ImageError(f"{path}: {error}") from None
 
@@ -75,6 +87,9 @@ def mnist_layout(gray: npt.NDArray[np.float32]) -> npt.NDArray[np.uint8]:
     peak = float(gray.max()) if gray.size else 0.0
     if peak <= 0:
         raise ImageError("blank image: no digit to classify")
+    border = np.concatenate([gray[0], gray[-1], gray[:, 0], gray[:, -1]])
+    if np.median(border) > 0.5 * peak:
+        raise LightBackground("light background")
     rows = np.flatnonzero((gray > INK_THRESHOLD * peak).any(axis=1))
     cols = np.flatnonzero((gray > INK_THRESHOLD * peak).any(axis=0))
     digit = gray[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
@@ -104,8 +119,3 @@ def _center_of_mass_shift(field: npt.NDArray[np.float32]) -> npt.NDArray[np.floa
     shift_row = int(np.clip(shift_row, -ink_rows[0], SIDE - 1 - ink_rows[-1]))
     shift_col = int(np.clip(shift_col, -ink_cols[0], SIDE - 1 - ink_cols[-1]))
     return np.roll(field, (shift_row, shift_col), axis=(0, 1))
-
-
-def looks_inverted(images: npt.NDArray[np.uint8]) -> bool:
-    """True when most pixels are bright: a dark digit on a light background."""
-    return bool(np.median(images) > 127)

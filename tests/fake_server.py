@@ -49,13 +49,24 @@ class FakeMnistService(predict_pb2_grpc.MnistServiceServicer):  # type: ignore[m
     max_images_per_request: int = 4096
     delay: float = 0.0
     calls: list[Call] = field(default_factory=list)
+    in_flight: int = 0
+    max_in_flight: int = 0  # the most Predict calls handled at once
     _failures: deque[tuple[grpc.StatusCode, str]] = field(default_factory=deque)
+    _let_through: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def fail_next(self, code: grpc.StatusCode, times: int = 1, details: str = "") -> None:
+    def fail_next(
+        self, code: grpc.StatusCode, times: int = 1, details: str = "", after: int = 0
+    ) -> None:
+        """Let `after` Predict calls through, then fail `times` of them with `code`."""
         with self._lock:
+            self._let_through = after
             for _ in range(times):
                 self._failures.append((code, details or f"injected {code.name}"))
+
+    def clear_failures(self) -> None:
+        with self._lock:
+            self._failures.clear()
 
     def predict_calls(self) -> list[Call]:
         with self._lock:
@@ -64,7 +75,12 @@ class FakeMnistService(predict_pb2_grpc.MnistServiceServicer):  # type: ignore[m
     def _enter(self, context: grpc.ServicerContext, call: Call) -> None:
         with self._lock:
             self.calls.append(call)
-            failure = self._failures.popleft() if self._failures else None
+            failure = None
+            if call.method == "Predict" and self._failures:
+                if self._let_through:
+                    self._let_through -= 1
+                else:
+                    failure = self._failures.popleft()
         if failure is not None:
             context.abort(*failure)
         if call.model not in ("", "mnist"):
@@ -103,9 +119,16 @@ class FakeMnistService(predict_pb2_grpc.MnistServiceServicer):  # type: ignore[m
         images = np.frombuffer(tensor.content, dtype).reshape(shape)
         if dtype == "<f4" and (images.min() < 0 or images.max() > 1):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "float pixels must be in [0, 1]")
-        if self.delay:
-            time.sleep(self.delay)
-        probabilities, classes = expected(images)
+        with self._lock:
+            self.in_flight += 1
+            self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            if self.delay:
+                time.sleep(self.delay)
+            probabilities, classes = expected(images)
+        finally:
+            with self._lock:
+                self.in_flight -= 1
         return predict_pb2.PredictResponse(
             model_spec=predict_pb2.ModelSpec(
                 name="mnist", version=request.model_spec.version or VERSIONS[0]

@@ -12,7 +12,6 @@ from collections.abc import Iterator
 import grpc
 import numpy as np
 import pytest
-from fake_server import FakeServer, expected, free_port, running_fake_server
 
 from mnist_serving.client import (
     NO_RETRY,
@@ -26,6 +25,8 @@ from mnist_serving.client import (
     RetryPolicy,
     Unavailable,
 )
+
+from .fake_server import FakeServer, expected, free_port, running_fake_server
 
 FAST_RETRY = RetryPolicy(max_attempts=5, initial_backoff=0.01, max_backoff=0.05)
 
@@ -299,7 +300,8 @@ def test_client_dependencies_have_no_tensorflow() -> None:
 
 def test_importing_the_client_does_not_import_tensorflow() -> None:
     code = (
-        "import sys, mnist_serving.client;"
+        "import sys, mnist_serving.client, mnist_serving.client.__main__;"
+        "from mnist_serving.client import inputs, images, scoring;"
         "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('tensorflow', 'keras'));"
         "assert not bad, bad"
     )
