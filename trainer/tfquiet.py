@@ -17,7 +17,8 @@ def import_tensorflow(verbose: bool = False) -> ModuleType:
     if "tensorflow" in sys.modules or verbose:
         import tensorflow
 
-        return tensorflow
+        module: ModuleType = tensorflow  # mypy sees the unfollowed import as Any
+        return module
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     sys.stderr.flush()
     saved = os.dup(2)
@@ -30,4 +31,5 @@ def import_tensorflow(verbose: bool = False) -> ModuleType:
         os.close(saved)
         os.close(devnull)
     tensorflow.get_logger().setLevel("ERROR")
-    return tensorflow
+    quiet: ModuleType = tensorflow
+    return quiet
