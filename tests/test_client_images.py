@@ -135,3 +135,30 @@ def test_sources(tmp_path: Path) -> None:
     (tmp_path / "broken.npz").write_bytes(b"PK\x03\x04 nope")
     with pytest.raises(InputFileError, match=r"broken\.npz"):
         open_source(tmp_path / "broken.npz")
+
+
+def test_idx_sources(mnist_path: Path, tmp_path: Path) -> None:
+    """IDX files through trainer/data.py's reader: a folder (per split) or one images file."""
+    folder = mnist_path.parent
+    if not (folder / "t10k-images-idx3-ubyte.gz").exists():
+        pytest.skip("the IDX files are not next to MNIST_PATH")
+    with np.load(mnist_path) as data:
+        x_test, y_test = data["x_test"], data["y_test"]
+    source = open_source(folder)
+    assert len(source) == 10000
+    assert source.labels is not None
+    np.testing.assert_array_equal(source.labels, y_test)
+    np.testing.assert_array_equal(source.load(9990, 10000)[0], x_test[9990:])
+    single = open_source(folder / "t10k-images-idx3-ubyte.gz")
+    assert single.labels is not None
+    np.testing.assert_array_equal(single.load(0, 10)[0], x_test[:10])
+    # Without a labels file beside it, an IDX file has no labels.
+    lone = tmp_path / "t10k-images-idx3-ubyte.gz"
+    lone.write_bytes((folder / "t10k-images-idx3-ubyte.gz").read_bytes())
+    assert open_source(lone).labels is None
+    (tmp_path / "broken-images-idx3-ubyte").write_bytes(b"\x00\x00\x08\x03\x00\x00\x00\x05")
+    with pytest.raises(InputFileError, match="broken-images-idx3-ubyte: truncated"):
+        open_source(tmp_path / "broken-images-idx3-ubyte")
+    if not any(folder.glob("train-images-idx3-ubyte*")):
+        with pytest.raises(InputFileError, match="no train-images-idx3-ubyte"):
+            open_source(folder, split="train")
