@@ -1,0 +1,195 @@
+"""The exported SavedModel as a server sees it (fresh process), version numbers, atomicity."""
+
+from __future__ import annotations
+
+import json
+import stat
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import pytest
+from synthetic_mnist import make_arrays
+
+from mnist_serving.trainer.export import (
+    REPORT_DIR,
+    existing_versions,
+    export_saved_model,
+    next_version,
+)
+
+PROBE = Path(__file__).resolve().parent / "savedmodel_probe.py"
+
+
+def probe(version_dir: Path, images: npt.NDArray[np.uint8], out_dir: Path) -> dict[str, Any]:
+    """Run savedmodel_probe.py on `images` in a fresh process; its signatures and outputs."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    np.save(out_dir / "images.npy", images)
+    result = subprocess.run(
+        [sys.executable, str(PROBE), str(version_dir), str(out_dir / "images.npy"), str(out_dir)],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    with np.load(out_dir / "outputs.npz") as outputs:
+        found: dict[str, Any] = dict(outputs)
+    found["signatures"] = json.loads((out_dir / "signatures.json").read_text())
+    return found
+
+
+def check_served_contract(found: dict[str, Any], count: int) -> None:
+    """What the server and clients rely on: names, dtypes, shapes, consistent outputs."""
+    signatures = found["signatures"]
+    assert set(signatures) == {"serving_default", "serving_float"}
+    for name, dtype in [("serving_default", "uint8"), ("serving_float", "float32")]:
+        assert signatures[name]["inputs"] == {"images": {"dtype": dtype, "shape": [None, 28, 28]}}
+        assert signatures[name]["outputs"] == {
+            "probabilities": {"dtype": "float32", "shape": [None, 10]},
+            "classes": {"dtype": "int64", "shape": [None]},
+        }
+    for prefix in ("uint8", "float"):
+        probabilities = found[f"{prefix}_probabilities"]
+        classes = found[f"{prefix}_classes"]
+        assert probabilities.shape == (count, 10)
+        assert probabilities.dtype == np.float32
+        assert classes.dtype == np.int64
+        assert (probabilities >= 0).all()
+        np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, atol=1e-5)
+        np.testing.assert_array_equal(classes, probabilities.argmax(axis=1))
+    np.testing.assert_allclose(
+        found["uint8_probabilities"], found["float_probabilities"], rtol=0, atol=1e-6
+    )
+    np.testing.assert_array_equal(found["uint8_classes"], found["float_classes"])
+
+
+# --- the SavedModel, loaded in a fresh process --------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def small_trained_export(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Any, Any]:
+    """A model fitted in-process on generated data, exported; its own Keras predictions."""
+    from mnist_serving.trainer.data import scale
+    from mnist_serving.trainer.model import build_model
+    from mnist_serving.trainer.tfquiet import import_tensorflow
+
+    tf = import_tensorflow()
+    tf.keras.utils.set_random_seed(1)
+    arrays = make_arrays(train=300, test=64)
+    model = build_model("mlp")
+    model.fit(scale(arrays["x_train"]), arrays["y_train"], epochs=2, batch_size=32, verbose=0)
+    keras_probabilities = tf.nn.softmax(model.predict(scale(arrays["x_test"]), verbose=0)).numpy()
+    version_dir = export_saved_model(model, tmp_path_factory.mktemp("small") / "mnist")
+    return version_dir, arrays["x_test"], keras_probabilities
+
+
+def test_small_export_serves_the_contract_and_matches_keras(
+    small_trained_export: tuple[Path, Any, Any], tmp_path: Path
+) -> None:
+    version_dir, images, keras_probabilities = small_trained_export
+    assert version_dir.name == "1"
+    found = probe(version_dir, images, tmp_path)
+    check_served_contract(found, len(images))
+    # Trained, so the comparison means something: confident and not all one class.
+    assert len(set(found["uint8_classes"].tolist())) == 10
+    np.testing.assert_allclose(found["uint8_probabilities"], keras_probabilities, atol=1e-6)
+    np.testing.assert_allclose(found["float_probabilities"], keras_probabilities, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_real_export_serves_the_contract_and_its_metrics(
+    trained_model_dir: Path, mnist_path: Path, tmp_path: Path
+) -> None:
+    """The exported model classifies the test set exactly as metrics.json says it does."""
+    with np.load(mnist_path) as data:
+        images, labels = data["x_test"], data["y_test"]
+    found = probe(trained_model_dir / "1", images, tmp_path)
+    check_served_contract(found, len(images))
+    metrics = json.loads((trained_model_dir / "1" / REPORT_DIR / "metrics.json").read_text())
+    served_accuracy = float((found["uint8_classes"] == labels).mean())
+    assert served_accuracy == pytest.approx(metrics["test_accuracy"], abs=1e-6)
+
+
+# --- version numbers ----------------------------------------------------------------------
+
+
+def test_versions_are_positive_integer_folders_only(tmp_path: Path) -> None:
+    assert existing_versions(tmp_path / "absent") == []
+    assert next_version(tmp_path / "absent") == 1
+    for name in ["1", "2", "10", "0", "007", "-3", "v4", ".tmp-11-abc", "latest"]:
+        (tmp_path / name).mkdir()
+    (tmp_path / "12").write_text("a file, not a version")
+    assert existing_versions(tmp_path) == [1, 2, 10]
+    assert next_version(tmp_path) == 11
+
+
+def test_export_takes_next_free_then_explicit_version(tmp_path: Path) -> None:
+    from mnist_serving.trainer.model import build_model
+
+    model = build_model("mlp")
+    model_dir = tmp_path / "mnist"
+    assert export_saved_model(model, model_dir) == model_dir / "1"
+    assert export_saved_model(model, model_dir) == model_dir / "2"
+    assert export_saved_model(model, model_dir, version=7) == model_dir / "7"
+    assert export_saved_model(model, model_dir) == model_dir / "8"
+    assert existing_versions(model_dir) == [1, 2, 7, 8]
+    assert sorted(p.name for p in model_dir.iterdir()) == ["1", "2", "7", "8"]
+    mode = stat.S_IMODE((model_dir / "8").stat().st_mode)
+    assert mode & 0o055 == 0o055, oct(mode)  # readable by a server running as another user
+
+
+def test_existing_version_is_refused_and_left_alone(tmp_path: Path) -> None:
+    from mnist_serving.trainer.model import build_model
+
+    model_dir = tmp_path / "mnist"
+    existing = model_dir / "3"
+    existing.mkdir(parents=True)
+    (existing / "marker").write_text("keep me")
+    with pytest.raises(FileExistsError, match="already exists"):
+        export_saved_model(build_model("mlp"), model_dir, version=3)
+    assert sorted(p.name for p in model_dir.iterdir()) == ["3"]
+    assert (existing / "marker").read_text() == "keep me"
+    with pytest.raises(ValueError, match="positive"):
+        export_saved_model(build_model("mlp"), model_dir, version=0)
+
+
+# --- atomicity ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("failure", [RuntimeError, KeyboardInterrupt])
+def test_interrupted_export_leaves_nothing_visible(
+    tmp_path: Path, failure: type[BaseException]
+) -> None:
+    from mnist_serving.trainer.model import build_model
+
+    model_dir = tmp_path / "mnist"
+    seen: list[Path] = []
+
+    def write_extras(folder: Path) -> None:
+        (folder / "metrics.json").write_text("{}")
+        seen.append(folder)
+        # While the report is written, the model is already on disk, but only under a
+        # hidden name a server ignores.
+        assert existing_versions(model_dir) == []
+        assert (folder.parent / "saved_model.pb").exists()
+        assert folder.parent.name.startswith(".")
+        raise failure("interrupted")
+
+    with pytest.raises(failure, match="interrupted"):
+        export_saved_model(build_model("mlp"), model_dir, write_extras=write_extras)
+    assert seen, "write_extras was not called"
+    assert list(model_dir.iterdir()) == []  # no version, no leftover temporary folder
+
+
+def test_report_appears_with_the_model(tmp_path: Path) -> None:
+    from mnist_serving.trainer.model import build_model
+
+    def write_extras(folder: Path) -> None:
+        (folder / "metrics.json").write_text('{"version": 1}')
+
+    version_dir = export_saved_model(build_model("mlp"), tmp_path, write_extras=write_extras)
+    assert (version_dir / REPORT_DIR / "metrics.json").read_text() == '{"version": 1}'
+    assert (version_dir / "saved_model.pb").exists()
