@@ -35,8 +35,9 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	rm -rf .typecheck && mkdir -p .typecheck/mnist_serving
 	for d in protos trainer server client; do ln -s ../../$$d .typecheck/mnist_serving/$$d; done
-	MYPYPATH=.typecheck $(BIN)/mypy -p mnist_serving.protos -p mnist_serving.trainer \
-		-p mnist_serving.server -p mnist_serving.client
+	MYPYPATH=.typecheck:. $(BIN)/mypy -p mnist_serving.protos -p mnist_serving.trainer \
+		-p mnist_serving.server -p mnist_serving.client -p tests -p bench
+	MYPYPATH=.typecheck $(BIN)/mypy scripts/demo.py
 
 proto: $(STAMP)
 	$(BIN)/python protos/generate.py

@@ -83,7 +83,9 @@ def test_sigterm_flips_health_and_lets_the_call_in_flight_finish(tiny_model_dir:
     assert next(watch).status == SERVING
     images = np.zeros((3, 28, 28), dtype=np.uint8)
     in_flight = predict_pb2_grpc.MnistServiceStub(channel).Predict.future(
-        pb.PredictRequest(images=pb.Tensor(dtype=1, shape=[3, 28, 28], content=images.tobytes()))
+        pb.PredictRequest(
+            images=pb.Tensor(dtype=pb.DATA_TYPE_UINT8, shape=[3, 28, 28], content=images.tobytes())
+        )
     )
     statuses: list[int] = []
     endings: list[grpc.StatusCode] = []

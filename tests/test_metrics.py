@@ -44,9 +44,12 @@ def value(samples: Samples, metric: str, **labels: str) -> float:
 def predict(server: ServerProcess, count: int) -> pb.PredictResponse:
     stub = predict_pb2_grpc.MnistServiceStub(grpc.insecure_channel(server.target))
     images = np.zeros((count, 28, 28), dtype=np.uint8)
-    return stub.Predict(
-        pb.PredictRequest(images=pb.Tensor(dtype=1, shape=images.shape, content=images.tobytes()))
+    response: pb.PredictResponse = stub.Predict(
+        pb.PredictRequest(
+            images=pb.Tensor(dtype=pb.DATA_TYPE_UINT8, shape=images.shape, content=images.tobytes())
+        )
     )
+    return response
 
 
 def test_calls_move_the_counters_and_histograms_by_what_was_sent(

@@ -62,10 +62,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="version number to export as (default: the next free one); never overwritten",
     )
     parser.add_argument("--arch", choices=ARCHITECTURES, default="mlp", help="default: mlp")
-    parser.add_argument("--epochs", type=_positive_int, default=5, help="default: %(default)s")
-    parser.add_argument("--batch-size", type=_positive_int, default=32, help="default: %(default)s")
     parser.add_argument(
-        "--seed", type=int, help="seed Python, numpy and TensorFlow for a reproducible run"
+        "--epochs", type=_positive_int, default=5, metavar="N", help="default: %(default)s"
+    )
+    parser.add_argument(
+        "--batch-size", type=_positive_int, default=32, metavar="N", help="default: %(default)s"
+    )
+    parser.add_argument(
+        "--seed",
+        type=int,
+        metavar="N",
+        help="seed Python, numpy and TensorFlow (and make ops deterministic) for a repeatable run",
     )
     parser.add_argument(
         "--early-stopping",
@@ -121,10 +128,10 @@ def run(args: argparse.Namespace) -> int:
     )
     result = train_and_export(config, dataset)
     metrics = result.metrics
+    epochs = f"{metrics['epochs']} epoch{'' if metrics['epochs'] == 1 else 's'}"
     print(
         f"Test loss {metrics['test_loss']:.4f}, test accuracy {metrics['test_accuracy']:.4f} "
-        f"({metrics['architecture']}, {metrics['epochs']} epochs, "
-        f"{metrics['train_seconds']:.1f} s of training)"
+        f"({metrics['architecture']}, {epochs}, {metrics['train_seconds']:.1f} s of training)"
     )
     print(f"Exported version {metrics['version']} to {result.version_dir}")
     print(f"Report: {result.version_dir / REPORT_DIR}")

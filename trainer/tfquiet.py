@@ -17,7 +17,7 @@ def import_tensorflow(verbose: bool = False) -> ModuleType:
     if "tensorflow" in sys.modules or verbose:
         import tensorflow
 
-        module: ModuleType = tensorflow  # mypy sees the unfollowed import as Any
+        module: ModuleType = tensorflow
         return module
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     sys.stderr.flush()

@@ -1,0 +1,243 @@
+"""`python -m bench --model-dir DIR [--json FILE]`: ratios measured side by side in one run.
+
+Starts what it needs on loopback (the server with batching on and off, a bare grpc.aio
+echo server with the same API), drives each with a load generator in its own process,
+and prints one row per comparison. Machines here are shared and noisy: read the ratios,
+which compare runs made minutes apart on the same machine, not the absolute figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mnist_serving.server.launcher import ServerProcess
+
+
+@dataclass
+class Row:
+    name: str
+    what: str
+    ratio: float
+    target: float | str  # a number means ">= it"; a string such as "<=1.2" says itself
+    req_per_s: float
+    images_per_s: float
+    p50_ms: float
+    p99_ms: float
+    baseline: str
+    baseline_req_per_s: float
+    baseline_images_per_s: float
+    baseline_p50_ms: float
+
+    @property
+    def met(self) -> bool:
+        if isinstance(self.target, str):
+            return self.ratio <= float(self.target.removeprefix("<="))
+        return self.ratio >= self.target
+
+
+def load(target: str, images: int, concurrency: int, seconds: float) -> dict[str, Any]:
+    """Run bench.load in its own process, so client and server don't share an interpreter."""
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench.load",
+            "--target",
+            target,
+            "--images",
+            str(images),
+            "--concurrency",
+            str(concurrency),
+            "--seconds",
+            str(seconds),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=seconds + 120,
+    )
+    stats: dict[str, Any] = json.loads(result.stdout.strip().splitlines()[-1])
+    if stats["errors"]:
+        print(f"  note: {target} answered errors {stats['errors']}", file=sys.stderr)
+    return stats
+
+
+def in_process_images_per_s(model_dir: Path, batch: int, seconds: float) -> dict[str, Any]:
+    """The SavedModel's own speed at `batch`, called in this process as the server calls it."""
+    from mnist_serving.server.model import load_model
+
+    version = max(int(p.name) for p in model_dir.iterdir() if p.name.isdigit())
+    model = load_model(model_dir / str(version), "mnist", version)
+    images = np.random.default_rng(0).integers(0, 256, size=(batch, 28, 28), dtype=np.uint8)
+    for _ in range(20):
+        model.predict(images)
+    calls: list[float] = []
+    stop_at = time.perf_counter() + seconds
+    while (start := time.perf_counter()) < stop_at:
+        model.predict(images)
+        calls.append(time.perf_counter() - start)
+    elapsed = sum(calls)
+    return {
+        "req_per_s": len(calls) / elapsed,
+        "images_per_s": len(calls) * batch / elapsed,
+        "p50_ms": float(np.percentile(calls, 50) * 1000),
+        "p99_ms": float(np.percentile(calls, 99) * 1000),
+    }
+
+
+def row(
+    name: str,
+    what: str,
+    stats: dict[str, Any],
+    baseline_name: str,
+    baseline: dict[str, Any],
+    ratio: float,
+    target: float | str,
+) -> Row:
+    return Row(
+        name=name,
+        what=what,
+        ratio=ratio,
+        target=target,
+        req_per_s=stats["req_per_s"],
+        images_per_s=stats["images_per_s"],
+        p50_ms=stats["p50_ms"],
+        p99_ms=stats["p99_ms"],
+        baseline=baseline_name,
+        baseline_req_per_s=baseline["req_per_s"],
+        baseline_images_per_s=baseline["images_per_s"],
+        baseline_p50_ms=baseline["p50_ms"],
+    )
+
+
+class EchoProcess:
+    def __init__(self) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "bench.echo", "--port", "0"], stdout=subprocess.PIPE, text=True
+        )
+        assert self.process.stdout is not None
+        line = self.process.stdout.readline()
+        self.target = f"127.0.0.1:{int(line.strip().split('=')[1])}"
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(30)
+
+
+def run(model_dir: Path, seconds: float, server_args: list[str]) -> list[Row]:
+    rows: list[Row] = []
+    print(f"in-process SavedModel, batch 256, {seconds:.0f} s ...", file=sys.stderr)
+    in_process = in_process_images_per_s(model_dir, 256, seconds)
+    echo = EchoProcess()
+    batching = ServerProcess(model_dir, "--poll-interval", "0", *server_args)
+    unbatched = ServerProcess(model_dir, "--poll-interval", "0", "--no-batching", *server_args)
+    try:
+        print("B1 batch-256 requests, 4 clients ...", file=sys.stderr)
+        b1 = load(batching.target, 256, 4, seconds)
+        rows.append(
+            row(
+                "B1",
+                "batch-256 uint8, 4 clients: served images/s / in-process images/s",
+                b1,
+                "in-process SavedModel, batch 256",
+                in_process,
+                b1["images_per_s"] / in_process["images_per_s"],
+                0.9,
+            )
+        )
+        print("B2 single images, 1 client ...", file=sys.stderr)
+        echo_1 = load(echo.target, 1, 1, seconds)
+        b2 = load(batching.target, 1, 1, seconds)
+        rows.append(
+            row(
+                "B2",
+                "1 image, 1 client: served p50 / echo p50",
+                b2,
+                "bare grpc.aio echo server",
+                echo_1,
+                b2["p50_ms"] / echo_1["p50_ms"],
+                "<=1.2",
+            )
+        )
+        print("B3 single images, 64 clients ...", file=sys.stderr)
+        echo_64 = load(echo.target, 1, 64, seconds)
+        b3 = load(batching.target, 1, 64, seconds)
+        off_64 = load(unbatched.target, 1, 64, seconds)
+        rows.append(
+            row(
+                "B3a",
+                "1 image, 64 clients: served req/s / echo req/s",
+                b3,
+                "bare grpc.aio echo server",
+                echo_64,
+                b3["req_per_s"] / echo_64["req_per_s"],
+                0.9,
+            )
+        )
+        rows.append(
+            row(
+                "B3b",
+                "1 image, 64 clients: batching on req/s / batching off req/s",
+                b3,
+                "same server, --no-batching",
+                off_64,
+                b3["req_per_s"] / off_64["req_per_s"],
+                5.0,
+            )
+        )
+    finally:
+        batching.stop()
+        unbatched.stop()
+        echo.stop()
+    return rows
+
+
+def print_table(rows: list[Row], settings: dict[str, Any]) -> None:
+    print("settings: " + " ".join(f"{k}={v}" for k, v in settings.items()))
+    header = (
+        f"{'row':4} {'ratio':>7} {'target':>7} {'met':>4} {'req/s':>9} {'images/s':>10} "
+        f"{'p50 ms':>7} {'p99 ms':>7}   baseline (req/s, images/s, p50 ms)"
+    )
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        target = r.target if isinstance(r.target, str) else f">={r.target:g}"
+        print(
+            f"{r.name:4} {r.ratio:7.2f} {target:>7} {'yes' if r.met else 'no':>4} "
+            f"{r.req_per_s:9.0f} {r.images_per_s:10.0f} {r.p50_ms:7.2f} {r.p99_ms:7.2f}   "
+            f"{r.baseline}: {r.baseline_req_per_s:.0f}, {r.baseline_images_per_s:.0f}, "
+            f"{r.baseline_p50_ms:.2f}"
+        )
+    for r in rows:
+        print(f"  {r.name}: {r.what}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument("--model-dir", type=Path, required=True, help="e.g. models/mnist")
+    parser.add_argument("--json", type=Path, help="also write one JSON object per row here")
+    parser.add_argument("--seconds", type=float, default=5.0, help="measured time per run")
+    parser.add_argument(
+        "--server-arg", action="append", default=[], help="extra mnist-serve flag (repeatable)"
+    )
+    args = parser.parse_args()
+    settings = {"seconds_per_run": args.seconds, "server_args": args.server_arg or "defaults"}
+    rows = run(args.model_dir, args.seconds, args.server_arg)
+    print_table(rows, settings)
+    if args.json:
+        with args.json.open("w") as out:
+            for r in rows:
+                out.write(json.dumps({**asdict(r), "met": r.met, "settings": settings}) + "\n")
+
+
+if __name__ == "__main__":
+    main()
