@@ -70,7 +70,7 @@ class PredictionServicer(
         spec = request.model_spec
         signature = spec.signature_name or DEFAULT_SIGNATURE
         outputs = chosen_outputs(request.output_filter)
-        dtype, shape, content = decode_images(request.inputs, signature)
+        dtype, shape, content = images_for_core(request.inputs, signature)
         answer = await self.core.predict(
             model_name=spec.name,
             version=pinned_version(spec),
@@ -172,17 +172,16 @@ def add_servicers(core: InferenceCore, server: grpc.aio.Server) -> None:
 
 def pinned_version(spec: model_pb2.ModelSpec) -> int:
     """The version model_spec pins, or 0 (the core's "newest") when it pins none."""
-    choice = spec.WhichOneof("version_choice")
-    if choice == "version_label":
+    if spec.WhichOneof("version_choice") == "version_label":
         raise InvalidInput(
             f"model_spec.version_label {spec.version_label!r} is not supported: this server "
             "has no version labels; pin model_spec.version, or leave it unset for the newest"
         )
-    if choice is None:
+    if not spec.HasField("version"):
         return 0
     version = int(spec.version.value)
     if version < 1:  # 0 would mean "newest" to the core; TF Serving has no such version
-        raise ModelNotFound(f"version {version} of {spec.name!r} is not loaded")
+        raise ModelNotFound(f"version {version} is not loaded; versions are positive integers")
     return version
 
 
@@ -190,18 +189,17 @@ def chosen_versions(
     core: InferenceCore, spec: model_pb2.ModelSpec, *, newest_only: bool
 ) -> list[VersionReport]:
     """The version model_spec pins, else the newest (newest_only) or every loaded one."""
-    if spec.WhichOneof("version_choice") == "version_label":
-        pinned_version(spec)  # raises: labels are not supported
+    pinned = pinned_version(spec)
     versions = core.versions(spec.name)
-    if not spec.HasField("version"):
-        return versions[:1] if newest_only else versions
-    pinned = [v for v in versions if v.version == spec.version.value]
     if not pinned:
+        return versions[:1] if newest_only else versions
+    chosen = [v for v in versions if v.version == pinned]
+    if not chosen:
         loaded = ", ".join(str(v.version) for v in versions) or "none"
         raise ModelNotFound(
-            f"version {spec.version.value} of {core.model_name!r} is not loaded (loaded: {loaded})"
+            f"version {pinned} of {core.model_name!r} is not loaded (loaded: {loaded})"
         )
-    return pinned
+    return chosen
 
 
 def chosen_outputs(output_filter: Sequence[str]) -> set[str]:
@@ -223,7 +221,7 @@ def check_metadata_fields(fields: Sequence[str]) -> None:
         raise InvalidInput(f"metadata_field {unknown} is not supported; {supported}")
 
 
-def decode_images(inputs: Any, signature: str) -> tuple[str, list[int], bytes]:
+def images_for_core(inputs: Any, signature: str) -> tuple[str, list[int], bytes]:
     """The core's (dtype, shape, content) for the `images` input of `signature`."""
     expected = SIGNATURE_DTYPES.get(signature)
     if expected is None:

@@ -25,7 +25,7 @@ from .support import ServerProcess
 # TF Serving's protos import the tensorflow package: import it first, without its noise.
 tf = import_tensorflow()
 
-from tensorflow.core.framework import types_pb2  # noqa: E402
+from tensorflow.core.framework import tensor_pb2, types_pb2  # noqa: E402
 from tensorflow.core.protobuf import saved_model_pb2  # noqa: E402
 from tensorflow_serving.apis import (  # noqa: E402
     classification_pb2,
@@ -272,9 +272,7 @@ def test_model_status_lists_the_loaded_version(channel: grpc.Channel) -> None:
 
 
 def tensor(dtype: int, shape: list[int], **fields: Any) -> TensorProto:
-    proto = tf.make_tensor_proto(np.zeros(0, dtype=np.uint8))
-    proto.Clear()
-    proto.dtype = dtype
+    proto = tensor_pb2.TensorProto(dtype=dtype)
     for size in shape:
         proto.tensor_shape.dim.add(size=size)
     for name, value in fields.items():
