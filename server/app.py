@@ -64,10 +64,16 @@ class ModelServer:
                 f"no loadable model version under {self.settings.model_dir} "
                 "(expected <model-dir>/<version>/saved_model.pb; run mnist-train first)"
             )
+        # Imported once a version has loaded: TF Serving's protos import the tensorflow
+        # package, which load_model has imported by now (quietly unless --verbose-tensorflow).
+        from . import tfserving
+
+        services = (NATIVE_SERVICE, *tfserving.SERVICE_NAMES)
         predict_pb2_grpc.add_MnistServiceServicer_to_server(MnistServicer(self.core), self._grpc)
+        tfserving.add_servicers(self.core, self._grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
         reflection.enable_server_reflection(
-            (NATIVE_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), self._grpc
+            (*services, health.SERVICE_NAME, reflection.SERVICE_NAME), self._grpc
         )
         address = f"{self.settings.host}:{self.settings.port}"
         self.port = self._grpc.add_insecure_port(address)
@@ -76,7 +82,7 @@ class ModelServer:
         self._metrics_http, _ = start_http_server(self.settings.metrics_port, self.settings.host)
         self.metrics_port = self._metrics_http.server_port
         await self._grpc.start()
-        for service in ("", NATIVE_SERVICE):
+        for service in ("", *services):
             await self.health.set(service, SERVING)
         if self.settings.poll_interval > 0:
             self._poller = asyncio.get_running_loop().create_task(self.registry.poll())

@@ -6,8 +6,8 @@ Knows no proto: servicers translate their messages into these arguments and back
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from .model import NUM_CLASSES, Prediction
@@ -29,6 +29,8 @@ class Answer:
 class VersionReport:
     version: int
     report: dict[str, Any]  # the trainer's metrics.json
+    # Signature name -> the SavedModel's SignatureDef proto, passed through untouched.
+    signature_defs: Mapping[str, Any] = field(default_factory=dict)
 
 
 class InferenceCore:
@@ -60,4 +62,7 @@ class InferenceCore:
     def versions(self, model_name: str = "") -> list[VersionReport]:
         """Loaded versions, newest first, with the training report of each."""
         self.registry.resolve(model_name, 0)  # NOT_FOUND for another model's name
-        return [VersionReport(s.version, s.model.report) for s in self.registry.served]
+        return [
+            VersionReport(s.version, s.model.report, s.model.signature_defs)
+            for s in self.registry.served
+        ]

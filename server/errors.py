@@ -82,23 +82,23 @@ def rpc_method(api: str, method: str) -> Callable[[Handler[Req, Resp]], Handler[
         async def wrapper(self: Any, request: Req, context: Context) -> Resp:
             started = time.perf_counter()
             code = grpc.StatusCode.OK
+            message = ""
             metrics.IN_FLIGHT.inc()
             try:
                 return await handler(self, request, context)
             except asyncio.CancelledError:
                 code = grpc.StatusCode.CANCELLED
                 raise
-            except grpc.aio.AbortError:
-                code = context.code() or grpc.StatusCode.UNKNOWN
-                raise
             except Exception as error:
                 code, message = status_of(error)
-                await context.abort(code, message)
-                raise  # unreachable: abort raises
             finally:
+                # Recorded before the status is sent, so a caller that has its answer
+                # also finds it counted.
                 metrics.IN_FLIGHT.dec()
                 seconds.observe(time.perf_counter() - started)
                 metrics.REQUESTS.labels(api, method, code.name).inc()
+            await context.abort(code, message)
+            raise AssertionError("unreachable: abort raises")
 
         return wrapper
 

@@ -22,6 +22,7 @@ SIGNATURES = {"uint8": "serving_default", "float32": "serving_float"}
 INPUT_NAME = "images"
 NUM_CLASSES = 10
 REPORT = Path("assets.extra") / "metrics.json"
+SAVED_MODEL = "saved_model.pb"
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,9 @@ class LoadedModel:
     report: dict[str, Any] = field(default_factory=dict)
     _functions: dict[str, Any] = field(default_factory=dict, repr=False)
     _saved: Any = field(default=None, repr=False)
+    # The served signatures as written in saved_model.pb (tensorflow.SignatureDef protos):
+    # what TensorFlow Serving's GetModelMetadata reports.
+    signature_defs: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def predict(self, images: np.ndarray) -> Prediction:
         """Run the signature that matches images.dtype on [N, 28, 28]; blocking."""
@@ -70,6 +74,7 @@ def load_model(path: Path, name: str, version: int, verbose: bool = False) -> Lo
             raise ValueError(f"{path} signature {signature!r} does not take {dtype} [N, 28, 28]")
         functions[dtype] = function
     model = LoadedModel(name, version, path, 0.0, _read_report(path), functions, saved)
+    model.signature_defs = _read_signature_defs(path)
     for dtype in functions:
         # The first calls trace and allocate; pay for them before taking traffic.
         for count in (1, 32):
@@ -78,6 +83,22 @@ def load_model(path: Path, name: str, version: int, verbose: bool = False) -> Lo
                 raise ValueError(f"{path} returns probabilities {result.probabilities.shape}")
     model.load_seconds = time.perf_counter() - started
     return model
+
+
+def _read_signature_defs(path: Path) -> dict[str, Any]:
+    """The SignatureDef protos of the served signatures (not __saved_model_init_op)."""
+    from tensorflow.core.protobuf import meta_graph_pb2, saved_model_pb2
+
+    saved_model = saved_model_pb2.SavedModel.FromString((path / SAVED_MODEL).read_bytes())
+    graphs = saved_model.meta_graphs
+    # The "serve" graph, as TensorFlow Serving picks; tf.saved_model.save writes only that one.
+    graph = next((g for g in graphs if "serve" in g.meta_info_def.tags), graphs[0])
+    signature_defs = {}
+    for signature in SIGNATURES.values():
+        copy = meta_graph_pb2.SignatureDef()
+        copy.CopyFrom(graph.signature_def[signature])  # copied: the graph need not stay in memory
+        signature_defs[signature] = copy
+    return signature_defs
 
 
 def _read_report(path: Path) -> dict[str, Any]:

@@ -13,7 +13,6 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 import pytest
-from synthetic_mnist import IDX_NAMES, idx_bytes, make_arrays, write_idx_folder, write_npz
 
 from mnist_serving.trainer.data import (
     DataError,
@@ -24,6 +23,8 @@ from mnist_serving.trainer.data import (
     read_idx,
     scale,
 )
+
+from .synthetic_mnist import IDX_NAMES, idx_bytes, make_arrays, write_idx_folder, write_npz
 
 Arrays = dict[str, npt.NDArray[np.uint8]]
 

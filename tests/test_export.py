@@ -12,7 +12,6 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 import pytest
-from synthetic_mnist import make_arrays
 
 from mnist_serving.trainer.export import (
     REPORT_DIR,
@@ -20,6 +19,8 @@ from mnist_serving.trainer.export import (
     export_saved_model,
     next_version,
 )
+
+from .synthetic_mnist import make_arrays
 
 PROBE = Path(__file__).resolve().parent / "savedmodel_probe.py"
 

@@ -14,12 +14,13 @@ from typing import Any
 
 import numpy as np
 import pytest
-from synthetic_mnist import make_arrays, write_idx_folder, write_npz
 
 from mnist_serving.trainer.data import load_path
 from mnist_serving.trainer.export import REPORT_DIR
 from mnist_serving.trainer.report import FIGURES, confusion_matrix, per_class
 from mnist_serving.trainer.train import TrainConfig, train_and_export
+
+from .synthetic_mnist import make_arrays, write_idx_folder, write_npz
 
 # The keys the server reads from metrics.json, with their types.
 METRICS_KEYS: dict[str, Any] = {

@@ -1,0 +1,302 @@
+"""TensorFlow Serving's gRPC API on the native port, for clients written against TF Serving.
+
+tensorflow.serving.PredictionService (Predict, GetModelMetadata) and ModelService
+(GetModelStatus), from the generated code of the tensorflow-serving-api package: proto in,
+the same InferenceCore as the native API, proto out. Classify, Regress, MultiInference and
+HandleReloadConfigRequest answer UNIMPLEMENTED.
+
+Tensors are filled field by field (dtype, tensor_shape.dim, tensor_content), never through
+tf.make_tensor_proto: the TensorFlow runtime stays in model.py. The message and enum types
+are TensorFlow's generated protobuf code, which the TF Serving protos are built on.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from typing import Any, NoReturn
+
+import grpc
+import numpy as np
+from tensorflow.core.framework import types_pb2
+from tensorflow_serving.apis import (
+    get_model_metadata_pb2,
+    get_model_status_pb2,
+    model_pb2,
+    model_service_pb2,
+    model_service_pb2_grpc,
+    predict_pb2,
+    prediction_service_pb2,
+    prediction_service_pb2_grpc,
+)
+
+from .core import InferenceCore, VersionReport
+from .errors import InvalidInput, ModelNotFound, rpc_method
+from .model import INPUT_NAME, SIGNATURES
+
+logger = logging.getLogger(__name__)
+
+PREDICTION_SERVICE = prediction_service_pb2.DESCRIPTOR.services_by_name["PredictionService"]
+MODEL_SERVICE = model_service_pb2.DESCRIPTOR.services_by_name["ModelService"]
+SERVICE_NAMES = (PREDICTION_SERVICE.full_name, MODEL_SERVICE.full_name)
+
+DEFAULT_SIGNATURE = "serving_default"  # what an empty signature_name means, as in TF Serving
+TF_DTYPES = {"uint8": types_pb2.DT_UINT8, "float32": types_pb2.DT_FLOAT}  # core name -> TF's
+SIGNATURE_DTYPES = {signature: TF_DTYPES[dtype] for dtype, signature in SIGNATURES.items()}
+CORE_DTYPES = {tf_dtype: name for name, tf_dtype in TF_DTYPES.items()}
+# Where TensorFlow puts the elements of a tensor sent without tensor_content (uint8 too
+# travels as int_val), and the numpy type that reads them.
+VALUE_FIELDS: dict[int, tuple[str, np.dtype[Any]]] = {
+    types_pb2.DT_UINT8: ("int_val", np.dtype(np.int32)),
+    types_pb2.DT_FLOAT: ("float_val", np.dtype("<f4")),
+}
+OUTPUTS = ("probabilities", "classes")
+METADATA_FIELDS = ("signature_def",)
+
+TensorProto = Any  # tensorflow.TensorProto; TensorFlow ships no type stubs
+
+
+class PredictionServicer(
+    prediction_service_pb2_grpc.PredictionServiceServicer  # type: ignore[misc]
+):
+    def __init__(self, core: InferenceCore) -> None:
+        self.core = core
+
+    @rpc_method("tfserving", "Predict")
+    async def Predict(
+        self, request: predict_pb2.PredictRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> predict_pb2.PredictResponse:
+        spec = request.model_spec
+        signature = spec.signature_name or DEFAULT_SIGNATURE
+        outputs = chosen_outputs(request.output_filter)
+        dtype, shape, content = images_for_core(request.inputs, signature)
+        answer = await self.core.predict(
+            model_name=spec.name,
+            version=pinned_version(spec),
+            dtype=dtype,
+            shape=shape,
+            content=content,
+            time_remaining=context.time_remaining(),
+        )
+        response = predict_pb2.PredictResponse(
+            model_spec=model_spec(answer.model_name, answer.version, signature)
+        )
+        prediction = answer.prediction
+        if "probabilities" in outputs:
+            fill_tensor(
+                response.outputs["probabilities"], types_pb2.DT_FLOAT, prediction.probabilities
+            )
+        if "classes" in outputs:
+            fill_tensor(response.outputs["classes"], types_pb2.DT_INT64, prediction.classes)
+        return response
+
+    @rpc_method("tfserving", "GetModelMetadata")
+    async def GetModelMetadata(
+        self,
+        request: get_model_metadata_pb2.GetModelMetadataRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> get_model_metadata_pb2.GetModelMetadataResponse:
+        check_metadata_fields(request.metadata_field)
+        (version,) = chosen_versions(self.core, request.model_spec, newest_only=True)
+        signature_map = get_model_metadata_pb2.SignatureDefMap()
+        for name, signature_def in version.signature_defs.items():
+            signature_map.signature_def[name].CopyFrom(signature_def)
+        response = get_model_metadata_pb2.GetModelMetadataResponse(
+            model_spec=model_spec(self.core.model_name, version.version)
+        )
+        response.metadata["signature_def"].Pack(signature_map)
+        return response
+
+    # Without these, the generated base class answers UNIMPLEMENTED too, but through a
+    # logged NotImplementedError and a message that says nothing to the caller.
+    @rpc_method("tfserving", "Classify")
+    async def Classify(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        await not_served("Classify", context)
+
+    @rpc_method("tfserving", "Regress")
+    async def Regress(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        await not_served("Regress", context)
+
+    @rpc_method("tfserving", "MultiInference")
+    async def MultiInference(
+        self, request: Any, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> Any:
+        await not_served("MultiInference", context)
+
+
+class ModelServicer(model_service_pb2_grpc.ModelServiceServicer):  # type: ignore[misc]
+    def __init__(self, core: InferenceCore) -> None:
+        self.core = core
+
+    @rpc_method("tfserving", "GetModelStatus")
+    async def GetModelStatus(
+        self,
+        request: get_model_status_pb2.GetModelStatusRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> get_model_status_pb2.GetModelStatusResponse:
+        versions = chosen_versions(self.core, request.model_spec, newest_only=False)
+        available = get_model_status_pb2.ModelVersionStatus.AVAILABLE
+        return get_model_status_pb2.GetModelStatusResponse(
+            model_version_status=[
+                get_model_status_pb2.ModelVersionStatus(version=v.version, state=available)
+                for v in versions
+            ]
+        )
+
+    @rpc_method("tfserving", "HandleReloadConfigRequest")
+    async def HandleReloadConfigRequest(
+        self, request: Any, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> Any:
+        await not_served("HandleReloadConfigRequest", context)
+
+
+async def not_served(method: str, context: grpc.aio.ServicerContext[Any, Any]) -> NoReturn:
+    await context.abort(
+        grpc.StatusCode.UNIMPLEMENTED,
+        f"{method} is not served here: this server answers PredictionService/Predict, "
+        "PredictionService/GetModelMetadata and ModelService/GetModelStatus",
+    )
+    raise AssertionError("unreachable: abort raises")
+
+
+def add_servicers(core: InferenceCore, server: grpc.aio.Server) -> None:
+    prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(
+        PredictionServicer(core), server
+    )
+    model_service_pb2_grpc.add_ModelServiceServicer_to_server(ModelServicer(core), server)
+
+
+# Translation: TF Serving's messages <-> the core's arguments.
+
+
+def pinned_version(spec: model_pb2.ModelSpec) -> int:
+    """The version model_spec pins, or 0 (the core's "newest") when it pins none."""
+    if spec.WhichOneof("version_choice") == "version_label":
+        raise InvalidInput(
+            f"model_spec.version_label {spec.version_label!r} is not supported: this server "
+            "has no version labels; pin model_spec.version, or leave it unset for the newest"
+        )
+    if not spec.HasField("version"):
+        return 0
+    version = int(spec.version.value)
+    if version < 1:  # 0 would mean "newest" to the core; TF Serving has no such version
+        raise ModelNotFound(f"version {version} is not loaded; versions are positive integers")
+    return version
+
+
+def chosen_versions(
+    core: InferenceCore, spec: model_pb2.ModelSpec, *, newest_only: bool
+) -> list[VersionReport]:
+    """The version model_spec pins, else the newest (newest_only) or every loaded one."""
+    pinned = pinned_version(spec)
+    versions = core.versions(spec.name)
+    if not pinned:
+        return versions[:1] if newest_only else versions
+    chosen = [v for v in versions if v.version == pinned]
+    if not chosen:
+        loaded = ", ".join(str(v.version) for v in versions) or "none"
+        raise ModelNotFound(
+            f"version {pinned} of {core.model_name!r} is not loaded (loaded: {loaded})"
+        )
+    return chosen
+
+
+def chosen_outputs(output_filter: Sequence[str]) -> set[str]:
+    """The outputs to send: all of them when output_filter is empty."""
+    unknown = sorted(set(output_filter) - set(OUTPUTS))
+    if unknown:
+        raise InvalidInput(
+            f"output_filter names unknown outputs {unknown}; the outputs are {list(OUTPUTS)}"
+        )
+    return set(output_filter) or set(OUTPUTS)
+
+
+def check_metadata_fields(fields: Sequence[str]) -> None:
+    supported = f"this server supports {list(METADATA_FIELDS)}"
+    if not fields:
+        raise InvalidInput(f"metadata_field must name at least one field; {supported}")
+    unknown = sorted(set(fields) - set(METADATA_FIELDS))
+    if unknown:
+        raise InvalidInput(f"metadata_field {unknown} is not supported; {supported}")
+
+
+def images_for_core(inputs: Any, signature: str) -> tuple[str, list[int], bytes]:
+    """The core's (dtype, shape, content) for the `images` input of `signature`."""
+    expected = SIGNATURE_DTYPES.get(signature)
+    if expected is None:
+        raise InvalidInput(
+            f"unknown signature_name {signature!r}; the signatures are {sorted(SIGNATURE_DTYPES)}"
+        )
+    if set(inputs) != {INPUT_NAME}:
+        problems = [f"{INPUT_NAME!r} is missing"] if INPUT_NAME not in inputs else []
+        extra = sorted(set(inputs) - {INPUT_NAME})
+        if extra:
+            problems.append(f"unexpected {extra}")
+        raise InvalidInput(
+            f"inputs must hold exactly one tensor, {INPUT_NAME!r}: " + "; ".join(problems)
+        )
+    tensor = inputs[INPUT_NAME]
+    if tensor.dtype != expected:
+        raise InvalidInput(dtype_mismatch(signature, expected, tensor.dtype))
+    if tensor.tensor_shape.unknown_rank:
+        raise InvalidInput("images needs a known shape: [N, 28, 28] or [N, 784]")
+    shape = [int(d.size) for d in tensor.tensor_shape.dim]
+    return CORE_DTYPES[expected], shape, tensor_bytes(tensor, shape)
+
+
+def tensor_bytes(tensor: TensorProto, shape: list[int]) -> bytes:
+    """The elements as little-endian bytes: tensor_content as is, or the typed *_val field."""
+    field, numpy_type = VALUE_FIELDS[tensor.dtype]
+    values = getattr(tensor, field)
+    if tensor.tensor_content:
+        if len(values):
+            raise InvalidInput(f"images carries both tensor_content and {field}; send one")
+        return bytes(tensor.tensor_content)
+    needed = math.prod(shape)
+    if needed >= 0 and len(values) != needed:  # a negative dim is the shape check's to report
+        raise InvalidInput(
+            f"images carries {len(values)} values in {field}; shape {shape} needs {needed}"
+            + ("" if len(values) else f" (send them in tensor_content or {field})")
+        )
+    array = np.asarray(values, dtype=numpy_type)  # one call over the field, no Python loop
+    if tensor.dtype == types_pb2.DT_UINT8:
+        if array.size and (array.min() < 0 or array.max() > 255):
+            bad = array[(array < 0) | (array > 255)]
+            raise InvalidInput(
+                f"uint8 pixels must be 0..255; int_val holds {int(bad[0])} "
+                f"({bad.size} values outside)"
+            )
+        array = array.astype(np.uint8)
+    return array.tobytes()
+
+
+def dtype_mismatch(signature: str, expected: int, got: int) -> str:
+    message = (
+        f"signature {signature!r} takes images of {dtype_name(expected)}, got {dtype_name(got)}"
+    )
+    other = [s for s, dtype in SIGNATURE_DTYPES.items() if dtype == got]
+    if other:
+        return f"{message}; use signature_name {other[0]!r} for {dtype_name(got)} images"
+    accepted = " or ".join(dtype_name(d) for d in SIGNATURE_DTYPES.values())
+    return f"{message}; send {accepted}"
+
+
+def dtype_name(dtype: int) -> str:
+    try:
+        return str(types_pb2.DataType.Name(dtype))
+    except ValueError:
+        return f"data type {dtype}"
+
+
+def model_spec(name: str, version: int, signature: str = "") -> model_pb2.ModelSpec:
+    spec = model_pb2.ModelSpec(name=name, signature_name=signature)
+    spec.version.value = version
+    return spec
+
+
+def fill_tensor(tensor: TensorProto, dtype: int, array: np.ndarray) -> None:
+    tensor.dtype = dtype
+    for size in array.shape:
+        tensor.tensor_shape.dim.add(size=size)
+    tensor.tensor_content = array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes()
