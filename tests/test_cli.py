@@ -29,13 +29,13 @@ def fake() -> Iterator[FakeServer]:
         yield server
 
 
-def cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+def cli(capsys: pytest.CaptureFixture[str], *args: object) -> tuple[int, str, str]:
     code = main([str(a) for a in args])
     out, err = capsys.readouterr()
     return code, out, err
 
 
-def cli_process(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+def cli_process(*args: object, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "mnist_serving.client", *map(str, args)],
         capture_output=True,
@@ -151,24 +151,40 @@ def test_predict_json_and_images(
     assert out.startswith(f"{png}  ")
 
 
+def bad_input(folder: Path, kind: str) -> Path:
+    """A file that `mnist-client predict` must refuse."""
+    if kind == "missing":
+        return folder / "missing.png"
+    path = folder / {"text": "notes.txt", "junk": "bad.png", "shape": "x.npy",
+                     "strings": "s.npy", "blank": "blank.png"}[kind]  # fmt: skip
+    if kind == "text":
+        path.write_text("7")
+    elif kind == "junk":
+        path.write_bytes(b"not a png")
+    elif kind == "shape":
+        np.save(path, np.zeros((3, 27, 27), np.uint8))
+    elif kind == "strings":
+        np.save(path, np.array(["a"]))
+    else:
+        Image.new("L", (30, 30)).save(path)
+    return path
+
+
 @pytest.mark.parametrize(
-    ("make", "message"),
+    ("kind", "message"),
     [
-        (lambda d: d / "missing.png", "no such file"),
-        (lambda d: (d / "notes.txt").write_text("7") and d / "notes.txt", "unknown kind of input"),
-        (lambda d: (d / "bad.png").write_bytes(b"not a png") and d / "bad.png", "not a readable"),
-        (lambda d: np.save(d / "x.npy", np.zeros((3, 27, 27), np.uint8)) or d / "x.npy", "shape"),
-        (lambda d: np.save(d / "s.npy", np.array(["a"])) or d / "s.npy", "shape"),
-        (
-            lambda d: Image.new("L", (30, 30)).save(d / "blank.png") or d / "blank.png",
-            "blank image",
-        ),
+        ("missing", "no such file"),
+        ("text", "unknown kind of input"),
+        ("junk", "not a readable"),
+        ("shape", "shape"),
+        ("strings", "shape"),
+        ("blank", "blank image"),
     ],
 )
 def test_predict_bad_input_is_one_line(
-    capsys: pytest.CaptureFixture[str], fake: FakeServer, tmp_path: Path, make, message: str
+    capsys: pytest.CaptureFixture[str], fake: FakeServer, tmp_path: Path, kind: str, message: str
 ) -> None:
-    path = make(tmp_path)
+    path = bad_input(tmp_path, kind)
     code, out, err = cli(capsys, "predict", "--target", fake.target, path)
     assert code == 2
     assert out == ""

@@ -7,7 +7,8 @@ import importlib.metadata
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import grpc
 import numpy as np
@@ -73,7 +74,9 @@ def test_predict_uint8_batch(client: MnistClient) -> None:
         (lambda x: x.tolist(), 5),
     ],
 )
-def test_predict_accepted_layouts(client: MnistClient, transform, count: int) -> None:
+def test_predict_accepted_layouts(
+    client: MnistClient, transform: Callable[[np.ndarray], Any], count: int
+) -> None:
     images = random_images(5)
     prediction = client.predict(transform(images))
     np.testing.assert_array_equal(prediction.classes, expected(images[:count])[1])

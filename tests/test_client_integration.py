@@ -12,6 +12,7 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -55,22 +56,25 @@ def random_images(count: int) -> np.ndarray:
     return np.random.default_rng(0).integers(0, 256, (count, 28, 28), dtype=np.uint8)
 
 
-def read_csv(path: Path) -> list[dict[str, str]]:
+def read_csv(path: Path) -> Rows:
     with path.open(newline="") as stream:
         return list(csv.DictReader(stream))
 
 
-def read_jsonl(path: Path) -> list[dict[str, object]]:
+def read_jsonl(path: Path) -> Rows:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def assert_same_rows(rows: list, reference: list) -> None:
+Rows = list[dict[str, Any]]
+
+
+def assert_same_rows(rows: Rows, reference: Rows) -> None:
     """Same inputs, same classes, probabilities equal to float32 precision: the server
     batches requests differently from run to run, which may move the last bit."""
     assert [r["index"] for r in rows] == [r["index"] for r in reference]
     assert [int(r["class"]) for r in rows] == [int(r["class"]) for r in reference]
 
-    def probabilities(table: list) -> np.ndarray:
+    def probabilities(table: Rows) -> np.ndarray:
         if "probabilities" in table[0]:
             return np.array([r["probabilities"] for r in table], np.float64)
         return np.array([[float(r[f"p{i}"]) for i in range(10)] for r in table])
