@@ -139,9 +139,8 @@ def _parser() -> argparse.ArgumentParser:
     score.add_argument(
         "--resume",
         action="store_true",
-        help="continue an interrupted OUT, retrying its failed rows",
+        help="continue an interrupted OUT, retrying its failed rows (without it, OUT is replaced)",
     )
-    score.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
     score.add_argument("--no-progress", action="store_true", help="no progress bar")
     score.set_defaults(command=_score)
     return parser
@@ -300,7 +299,6 @@ def _score(args: argparse.Namespace) -> int:
             source,
             args.output,
             resume=args.resume,
-            overwrite=args.overwrite,
             on_start=start,
             on_rows=advance,
         )

@@ -240,7 +240,7 @@ def read_existing(path: Path, fmt: RowFormat, source: Source) -> Existing:
             elif header.decode() != fmt.header():
                 raise InputFileError(
                     f"{path}: its header does not match this job's columns; "
-                    "score into a new file or pass --overwrite"
+                    "score into a new file, or run without --resume to start over"
                 )
             good_end = len(header)
         for raw in stream:
@@ -352,30 +352,22 @@ def run_job(
     output: Path,
     *,
     resume: bool = False,
-    overwrite: bool = False,
     on_start: Callable[[int], None] | None = None,
     on_rows: Callable[[int], None] | None = None,
 ) -> JobReport:
     """Score `source` into `output` (CSV or JSON Lines by extension), in input order.
 
-    `on_start(rows already done)` is called once before scoring, `on_rows(n)` after each
-    batch is written (the CLI's progress bar).
+    Without `resume`, an existing `output` is replaced. `on_start(rows already done)` is
+    called once before scoring, `on_rows(n)` after each batch is written (a progress bar).
     """
     fmt = RowFormat.for_path(output, source.key_name)
     existing = Existing(0, [], 0)
-    if output.exists():
-        if resume:
-            existing = read_existing(output, fmt, source)
-            if existing.truncated_bytes:
-                logger.info("cut %d bytes of a half-written row", existing.truncated_bytes)
-        elif not overwrite:
-            raise InputFileError(
-                f"{output} exists: pass --resume to continue it, or --overwrite to start over"
-            )
+    if resume and output.exists():
+        existing = read_existing(output, fmt, source)
+        if existing.truncated_bytes:
+            logger.info("cut %d bytes of a half-written row", existing.truncated_bytes)
     return asyncio.run(
-        _run_job(
-            settings, source, output, fmt, existing, overwrite and not resume, on_start, on_rows
-        )
+        _run_job(settings, source, output, fmt, existing, not resume, on_start, on_rows)
     )
 
 

@@ -317,18 +317,17 @@ def test_score_image_folder_with_labels_and_a_bad_file(
     assert fake.service.predict_calls()[1].images == 1  # the batch [4, 6) minus the bad file
 
 
-def test_score_refuses_to_overwrite_without_a_flag(
+def test_score_starts_over_unless_resuming(
     capsys: pytest.CaptureFixture[str], fake: FakeServer, tmp_path: Path
 ) -> None:
     npz, images, _ = dataset(tmp_path, count=20)
     out = tmp_path / "s.csv"
-    out.write_text("precious\n")
+    out.write_text("index,class\nsomething else entirely\n")
     args = ["score", "--target", fake.target, "--input", npz, "--output", out]
-    code, _, err = cli(capsys, *args)
+    code, _, err = cli(capsys, *args, "--resume")
     assert code == 2
-    assert "--resume" in err
-    assert out.read_text() == "precious\n"
-    assert cli(capsys, *args, "--overwrite")[0] == 0
+    assert "header does not match" in err
+    assert cli(capsys, *args)[0] == 0
     check_rows(read_csv(out), images)
     # An output with more rows than the input is another job's: not resumed into.
     smaller = tmp_path / "smaller"
