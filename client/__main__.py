@@ -35,6 +35,7 @@ from .scoring import (
 logger = logging.getLogger("mnist_serving.client")
 
 DEFAULT_TARGET = "localhost:8500"
+HEALTH_TIMEOUT = 3.0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 
@@ -70,12 +71,6 @@ def _parser() -> argparse.ArgumentParser:
         default=os.environ.get("MNIST_TARGET", DEFAULT_TARGET),
         help="server HOST:PORT (default: $MNIST_TARGET or %(default)s)",
     )
-    common.add_argument(
-        "--timeout",
-        type=_positive(float),
-        default=DEFAULT_TIMEOUT,
-        help="deadline of each call in seconds, retries included (default: %(default)s)",
-    )
     common.add_argument("--tls", action="store_true", help="use TLS with the system's roots")
     common.add_argument(
         "--ca-cert", type=Path, metavar="PEM", help="use TLS, trusting this CA (implies --tls)"
@@ -89,10 +84,13 @@ def _parser() -> argparse.ArgumentParser:
         default=SERVICE_NAME,
         help='health service name; "" for the whole server (default: %(default)s)',
     )
-    health.set_defaults(command=_health, timeout=5.0)
+    # Short enough to answer inside a container healthcheck's own 5 s timeout.
+    _timeout_option(health, HEALTH_TIMEOUT)
+    health.set_defaults(command=_health)
 
     metadata = commands.add_parser("metadata", parents=[common], help="what the server serves")
     metadata.add_argument("--json", action="store_true", help="print JSON")
+    _timeout_option(metadata, DEFAULT_TIMEOUT)
     metadata.set_defaults(command=_metadata)
 
     predict = commands.add_parser(
@@ -103,6 +101,7 @@ def _parser() -> argparse.ArgumentParser:
     predict.add_argument("files", nargs="+", type=Path, metavar="FILE")
     _input_options(predict)
     predict.add_argument("--json", action="store_true", help="print JSON")
+    _timeout_option(predict, DEFAULT_TIMEOUT)
     predict.set_defaults(command=_predict)
 
     score = commands.add_parser(
@@ -142,8 +141,18 @@ def _parser() -> argparse.ArgumentParser:
         help="continue an interrupted OUT, retrying its failed rows (without it, OUT is replaced)",
     )
     score.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _timeout_option(score, DEFAULT_TIMEOUT)
     score.set_defaults(command=_score)
     return parser
+
+
+def _timeout_option(parser: argparse.ArgumentParser, default: float) -> None:
+    parser.add_argument(
+        "--timeout",
+        type=_positive(float),
+        default=default,
+        help="deadline of each call in seconds, retries included (default: %(default)s)",
+    )
 
 
 def _input_options(parser: argparse.ArgumentParser) -> None:

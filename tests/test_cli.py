@@ -6,6 +6,7 @@ import csv
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -91,6 +92,20 @@ def test_health_of_an_unreachable_server_is_one_line() -> None:
     assert result.stderr.count("\n") == 1, result.stderr
     assert "UNAVAILABLE" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_health_of_a_server_that_never_answers_times_out(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with socket.socket() as silent:  # accepts connections, never speaks HTTP/2
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        target = f"127.0.0.1:{silent.getsockname()[1]}"
+        started = time.monotonic()
+        code, out, err = cli(capsys, "health", "--target", target, "--timeout", "0.5")
+    assert time.monotonic() - started < 5
+    assert (code, out) == (1, "")
+    assert err.startswith(f"mnist-client: {target}: DEADLINE_EXCEEDED")
 
 
 def test_metadata(capsys: pytest.CaptureFixture[str], fake: FakeServer) -> None:
