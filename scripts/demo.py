@@ -21,6 +21,10 @@ from mnist_serving.server.launcher import ServerProcess
 from mnist_serving.trainer.export import existing_versions
 
 
+# Where Keras' download (the trainer's fallback without --data) leaves the data set.
+KERAS_CACHE = Path.home() / ".keras" / "datasets" / "mnist.npz"
+
+
 def step(text: str) -> None:
     print(f"\n==> {text}", flush=True)
 
@@ -77,7 +81,7 @@ def main() -> int:
                 "--target",
                 server.target,
                 "--input",
-                args.data or "keras",
+                args.data or str(KERAS_CACHE),
                 "--output",
                 str(args.output),
             ],
