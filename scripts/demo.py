@@ -20,7 +20,6 @@ from pathlib import Path
 from mnist_serving.server.launcher import ServerProcess
 from mnist_serving.trainer.export import existing_versions
 
-
 # Where Keras' download (the trainer's fallback without --data) leaves the data set.
 KERAS_CACHE = Path.home() / ".keras" / "datasets" / "mnist.npz"
 
