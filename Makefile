@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 	touch $@
 
 demo: $(STAMP)
-	$(BIN)/python scripts/demo.py --model-dir $(MODEL_DIR)
+	$(BIN)/python scripts/demo.py --model-dir $(MODEL_DIR) $(DEMO_ARGS)
 
 test: lint typecheck pytest
 

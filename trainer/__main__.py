@@ -71,8 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--seed",
         type=int,
+        default=0,
         metavar="N",
-        help="seed Python, numpy and TensorFlow (and make ops deterministic) for a repeatable run",
+        help="seed Python, numpy and TensorFlow and make ops deterministic, so that runs repeat "
+        "(default: %(default)s; pass another value for another draw)",
     )
     parser.add_argument(
         "--early-stopping",
