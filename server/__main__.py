@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import sys
 
@@ -32,23 +33,31 @@ def parse_settings(argv: list[str]) -> Settings:
     raise SystemExit(2)
 
 
-async def serve(settings: Settings) -> None:
+async def serve(settings: Settings) -> bool:
+    """Run until stopped; True when a model load was still running at the end."""
     from .app import ModelServer  # imports TensorFlow: after the settings are known good
 
     server = ModelServer(settings)
     loop = asyncio.get_running_loop()
+    starting = loop.create_task(server.start())
     stopping: asyncio.Task[None] | None = None
 
     def on_signal(signum: int) -> None:
         nonlocal stopping
         logger.info("signal received", extra={"signal": signal.Signals(signum).name})
+        starting.cancel()  # a no-op once started; before that, the first load may take long
         if stopping is None:
             stopping = loop.create_task(server.stop())
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, on_signal, signum)
-    await server.start()
+    try:
+        await starting
+    except asyncio.CancelledError:
+        if stopping is None:
+            raise
     await server.wait_stopped()
+    return server.registry.loading
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -58,10 +67,16 @@ def main(argv: list[str] | None = None) -> None:
         print(f"mnist-serve: model dir {settings.model_dir} does not exist", file=sys.stderr)
         raise SystemExit(2)
     try:
-        asyncio.run(serve(settings))
+        load_abandoned = asyncio.run(serve(settings))
     except (StartupError, OSError) as error:
         logger.error("cannot start", extra={"error": str(error)})
         raise SystemExit(1) from None
+    if load_abandoned:
+        # A SavedModel load cannot be interrupted, and Python joins the loader thread at
+        # exit: a load stuck on a slow or hung file system would hold the shutdown forever.
+        logger.warning("exiting while a model version was still loading")
+        logging.shutdown()
+        os._exit(0)
 
 
 if __name__ == "__main__":

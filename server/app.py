@@ -105,7 +105,8 @@ class ModelServer:
         logger.info("shutting down", extra={"grace_seconds": grace})
         await self.health.enter_graceful_shutdown()
         if self._poller is not None:
-            self._poller.cancel()
+            self._poller.cancel()  # also abandons a load in progress: see registry.loading
+            await asyncio.gather(self._poller, return_exceptions=True)
         await self._grpc.stop(grace)
         await self.registry.close()
         if self._metrics_http is not None:

@@ -58,6 +58,16 @@ class LoadedModel:
             classes=outputs["classes"].numpy(),
         )
 
+    def release(self) -> None:
+        """Drop this object's hold on the TensorFlow graph and weights (after its last call)."""
+        self._functions.clear()
+        self._saved = None
+
+
+def import_runtime(verbose: bool = False) -> None:
+    """Import TensorFlow now (a few seconds, once per process), without loading a model."""
+    import_tensorflow(verbose)
+
 
 def load_model(path: Path, name: str, version: int, verbose: bool = False) -> LoadedModel:
     """Load <path>, check its signatures against the export contract, and warm it up."""
