@@ -36,7 +36,9 @@ def test_make_demo_trains_serves_scores_and_stops_cleanly(mnist_path: Path, tmp_
     assert (model_dir / "1" / "saved_model.pb").exists()
     assert "training: no model" in demo.stdout
     assert re.search(r"SERVING at 127\.0\.0\.1:\d+", demo.stdout), shown
-    accuracy = re.search(r"^accuracy (0\.\d+) \(\d+/10000 with a prediction", demo.stdout, re.MULTILINE)
+    accuracy = re.search(
+        r"^accuracy (0\.\d+) \(\d+/10000 with a prediction", demo.stdout, re.MULTILINE
+    )
     assert accuracy is not None, shown
     assert float(accuracy.group(1)) >= 0.97
     assert "mnist_images_predicted_total" in demo.stdout
