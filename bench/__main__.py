@@ -10,8 +10,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
+import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -119,6 +123,53 @@ def row(
     )
 
 
+def scoring_images_per_s(target: str, runs: int = 5) -> dict[str, Any]:
+    """`mnist-client score` of the 10k MNIST test images, end to end; median of `runs`.
+
+    The images are MNIST_PATH's test set when it is set, random digits-sized noise if not.
+    """
+    with tempfile.TemporaryDirectory() as folder:
+        source = Path(folder) / "test.npz"
+        data = os.environ.get("MNIST_PATH")
+        if data and Path(data).exists():
+            with np.load(data) as mnist:
+                np.savez(source, x_test=mnist["x_test"], y_test=mnist["y_test"])
+        else:
+            noise = np.random.default_rng(0).integers(0, 256, (10_000, 28, 28), dtype=np.uint8)
+            np.savez(source, x_test=noise)
+        rates = []
+        for _ in range(runs):
+            job = subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "mnist_serving.client",
+                    "score",
+                    "--target",
+                    target,
+                    "--input",
+                    str(source),
+                    "--output",
+                    str(Path(folder) / "scores.csv"),
+                ],
+                capture_output=True,
+                text=True,
+                check=True,
+                timeout=300,
+            )
+            found = re.search(r"scored (\d+) images in [\d.]+ s \((\d+) images/s", job.stdout)
+            if found is None:
+                raise RuntimeError(f"no summary in mnist-client score's output:\n{job.stdout}")
+            rates.append(float(found.group(2)))
+    rate = statistics.median(rates)
+    return {
+        "req_per_s": float("nan"),
+        "images_per_s": rate,
+        "p50_ms": float("nan"),
+        "p99_ms": float("nan"),
+    }
+
+
 class EchoProcess:
     def __init__(self) -> None:
         self.process = subprocess.Popen(
@@ -192,6 +243,19 @@ def run(model_dir: Path, seconds: float, server_args: list[str]) -> list[Row]:
                 off_64,
                 b3["req_per_s"] / off_64["req_per_s"],
                 5.0,
+            )
+        )
+        print("B4 batch scoring of the 10k test images ...", file=sys.stderr)
+        b4 = scoring_images_per_s(batching.target)
+        rows.append(
+            row(
+                "B4",
+                "mnist-client score of 10k test images, end to end: images/s / B1 served images/s",
+                b4,
+                "B1: the server's batch-256 throughput",
+                b1,
+                b4["images_per_s"] / b1["images_per_s"],
+                0.8,
             )
         )
     finally:

@@ -39,7 +39,7 @@ class Settings(BaseSettings):
         4096, ge=1, le=65536, description="largest batch one request may carry"
     )
     batching: bool = Field(True, description="merge concurrent requests into one model call")
-    max_batch_size: int = Field(256, ge=1, description="images per model call, at most")
+    max_batch_size: int = Field(1024, ge=1, description="images per model call, at most")
     batch_timeout_ms: float = Field(
         0.0,
         ge=0,
