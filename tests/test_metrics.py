@@ -20,21 +20,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from mnist_serving.protos.mnist.v1 import predict_pb2 as pb
 from mnist_serving.protos.mnist.v1 import predict_pb2_grpc
 
-from .support import ServerProcess
+from .support import Samples, ServerProcess, scrape
 
 REPO = Path(__file__).resolve().parent.parent
-Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
-
-
-def scrape(server: ServerProcess) -> Samples:
-    """Every sample of /metrics, keyed by (name, sorted labels)."""
-    with urllib.request.urlopen(server.metrics_url, timeout=10) as response:
-        text = response.read().decode()
-    return {
-        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-    }
 
 
 def value(samples: Samples, metric: str, **labels: str) -> float:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import re
 import shutil
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -14,13 +13,12 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from prometheus_client.parser import text_string_to_metric_families
 
 from mnist_serving.protos.mnist.v1 import predict_pb2 as pb
 from mnist_serving.protos.mnist.v1 import predict_pb2_grpc
 from mnist_serving.trainer.tfquiet import import_tensorflow
 
-from .support import ServerProcess
+from .support import ServerProcess, scrape
 
 # TF Serving's protos import the tensorflow package: import it first, without its noise.
 tf = import_tensorflow()
@@ -469,16 +467,6 @@ def test_other_tf_serving_rpcs_are_unimplemented(
         getattr(stub, method)(request_)
     assert raised.value.code() == grpc.StatusCode.UNIMPLEMENTED
     assert "PredictionService/Predict" in (raised.value.details() or "")
-
-
-def scrape(server: ServerProcess) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    with urllib.request.urlopen(server.metrics_url, timeout=10) as answer:
-        text = answer.read().decode()
-    return {
-        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-    }
 
 
 def requests_total(samples: dict[Any, float], api: str, method: str, code: str) -> float:

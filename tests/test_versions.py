@@ -13,7 +13,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -22,12 +21,11 @@ import grpc
 import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from prometheus_client.parser import text_string_to_metric_families
 
 from mnist_serving.protos.mnist.v1 import predict_pb2 as pb
 from mnist_serving.protos.mnist.v1 import predict_pb2_grpc
 
-from .support import ServerProcess
+from .support import ServerProcess, scrape
 
 POLL = "0.2"
 IMAGES = np.random.default_rng(0).integers(0, 256, size=(8, 28, 28), dtype=np.uint8)
@@ -99,16 +97,6 @@ def probabilities(response: pb.PredictResponse) -> np.ndarray:
 def loaded(stub: predict_pb2_grpc.MnistServiceStub) -> list[int]:
     metadata = stub.GetModelMetadata(pb.GetModelMetadataRequest(), timeout=10)
     return [v.version for v in metadata.versions]
-
-
-def scrape(server: ServerProcess) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    with urllib.request.urlopen(server.metrics_url, timeout=10) as answer:
-        text = answer.read().decode()
-    return {
-        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-    }
 
 
 def load_failures(server: ServerProcess) -> float:
