@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import shutil
 import socket
@@ -165,3 +166,25 @@ def test_a_real_prometheus_computes_throughput_and_p99(
         time.sleep(0.5)
     assert seen.get("throughput", 0) > 0, "rate() of the images counter never went positive"
     assert 0 < seen.get("p99", 0) < 10, "histogram_quantile of the latency never gave a number"
+
+
+def test_concurrent_small_requests_are_merged_into_fewer_model_calls(
+    tiny_model_dir: Path,
+) -> None:
+    # A 50 ms batch window makes the merge certain rather than a matter of timing.
+    with ServerProcess(
+        tiny_model_dir, "--poll-interval", "0", "--batch-timeout-ms", "50"
+    ) as server:
+        before = scrape(server)
+        with concurrent.futures.ThreadPoolExecutor(32) as pool:
+            answers = list(pool.map(lambda _: predict(server, 1), range(32)))
+        after = scrape(server)
+    assert all(len(a.classes.content) == 8 for a in answers)
+    calls = value(after, "mnist_batch_size_images_count") - value(
+        before, "mnist_batch_size_images_count"
+    )
+    images = value(after, "mnist_batch_size_images_sum") - value(
+        before, "mnist_batch_size_images_sum"
+    )
+    assert images == 32
+    assert calls < 16, f"32 concurrent requests took {calls:.0f} model calls"
