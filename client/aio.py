@@ -6,7 +6,6 @@ many `predict` calls may be in flight at once on its one channel.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from types import TracebackType
 from typing import Any
 
@@ -16,48 +15,25 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from mnist_serving.protos.mnist.v1 import predict_pb2, predict_pb2_grpc
 
-from .client import (
-    DEFAULT_MAX_IMAGES_PER_REQUEST,
-    DEFAULT_RETRY,
-    DEFAULT_TIMEOUT,
-    SERVICE_NAME,
-    RetryPolicy,
-    channel_options,
-    check_settings,
-    predict_request,
-    status_name,
-)
+from .client import SERVICE_NAME, ClientSettings, predict_request, status_name
 from .codec import Prediction, as_batch, decode_prediction
 from .errors import from_rpc_error
 from .metadata import ModelMetadata
 
 
-class AsyncMnistClient:
+class AsyncMnistClient(ClientSettings):
     """See MnistClient for the parameters and semantics."""
 
-    def __init__(
+    def _connect(
         self,
         target: str,
-        *,
-        credentials: grpc.ChannelCredentials | None = None,
-        timeout: float | None = DEFAULT_TIMEOUT,
-        max_images_per_request: int = DEFAULT_MAX_IMAGES_PER_REQUEST,
-        retry: RetryPolicy = DEFAULT_RETRY,
-        model_name: str = "",
-        wait_for_ready: bool = False,
-        options: Sequence[tuple[str, Any]] = (),
+        credentials: grpc.ChannelCredentials | None,
+        options: list[tuple[str, Any]],
     ) -> None:
-        check_settings(timeout, max_images_per_request)
-        self.target = target
-        self.timeout = timeout
-        self.max_images_per_request = max_images_per_request
-        self.model_name = model_name
-        self.wait_for_ready = wait_for_ready
-        opts = channel_options(max_images_per_request, retry, options)
         if credentials is None:
-            self._channel = grpc.aio.insecure_channel(target, options=opts)
+            self._channel = grpc.aio.insecure_channel(target, options=options)
         else:
-            self._channel = grpc.aio.secure_channel(target, credentials, options=opts)
+            self._channel = grpc.aio.secure_channel(target, credentials, options=options)
         self._stub = predict_pb2_grpc.MnistServiceStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
 
@@ -77,7 +53,7 @@ class AsyncMnistClient:
             try:
                 response = await self._stub.Predict(
                     request,
-                    timeout=self.timeout if timeout is None else timeout,
+                    timeout=self._timeout(timeout),
                     wait_for_ready=self.wait_for_ready,
                 )
             except grpc.RpcError as error:
@@ -91,7 +67,7 @@ class AsyncMnistClient:
         try:
             response = await self._stub.GetModelMetadata(
                 request,
-                timeout=self.timeout if timeout is None else timeout,
+                timeout=self._timeout(timeout),
                 wait_for_ready=self.wait_for_ready,
             )
         except grpc.RpcError as error:
@@ -101,9 +77,7 @@ class AsyncMnistClient:
     async def health(self, service: str = SERVICE_NAME, *, timeout: float | None = None) -> str:
         request = health_pb2.HealthCheckRequest(service=service)
         try:
-            response = await self._health.Check(
-                request, timeout=self.timeout if timeout is None else timeout
-            )
+            response = await self._health.Check(request, timeout=self._timeout(timeout))
         except grpc.RpcError as error:
             raise from_rpc_error(error) from error
         return status_name(response.status)

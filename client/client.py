@@ -108,13 +108,8 @@ def check_settings(timeout: float | None, max_images_per_request: int) -> None:
         raise ValueError("max_images_per_request must be at least 1")
 
 
-class MnistClient:
-    """A blocking client of `mnist.v1.MnistService`; thread-safe, one channel.
-
-    `timeout` is each RPC's deadline in seconds, retries included (a big `predict` makes one
-    RPC per `max_images_per_request` images). `credentials` (e.g.
-    `grpc.ssl_channel_credentials(...)`) selects TLS. Use as a context manager, or `close()`.
-    """
+class ClientSettings:
+    """What both clients take and keep; each opens its own kind of channel in _connect."""
 
     def __init__(
         self,
@@ -135,10 +130,38 @@ class MnistClient:
         self.model_name = model_name
         self.wait_for_ready = wait_for_ready
         opts = channel_options(max_images_per_request, retry, options)
+        self._connect(target, credentials, opts)
+
+    def _connect(
+        self,
+        target: str,
+        credentials: grpc.ChannelCredentials | None,
+        options: list[tuple[str, Any]],
+    ) -> None:
+        raise NotImplementedError
+
+    def _timeout(self, timeout: float | None) -> float | None:
+        return self.timeout if timeout is None else timeout
+
+
+class MnistClient(ClientSettings):
+    """A blocking client of `mnist.v1.MnistService`; thread-safe, one channel.
+
+    `timeout` is each RPC's deadline in seconds, retries included (a big `predict` makes one
+    RPC per `max_images_per_request` images). `credentials` (e.g.
+    `grpc.ssl_channel_credentials(...)`) selects TLS. Use as a context manager, or `close()`.
+    """
+
+    def _connect(
+        self,
+        target: str,
+        credentials: grpc.ChannelCredentials | None,
+        options: list[tuple[str, Any]],
+    ) -> None:
         if credentials is None:
-            self._channel = grpc.insecure_channel(target, options=opts)
+            self._channel = grpc.insecure_channel(target, options=options)
         else:
-            self._channel = grpc.secure_channel(target, credentials, options=opts)
+            self._channel = grpc.secure_channel(target, credentials, options=options)
         self._stub = predict_pb2_grpc.MnistServiceStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
 
@@ -205,6 +228,3 @@ class MnistClient:
         traceback: TracebackType | None,
     ) -> None:
         self.close()
-
-    def _timeout(self, timeout: float | None) -> float | None:
-        return self.timeout if timeout is None else timeout
