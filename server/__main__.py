@@ -35,6 +35,10 @@ def parse_settings(argv: list[str]) -> Settings:
 
 async def serve(settings: Settings) -> bool:
     """Run until stopped; True when a model load was still running at the end."""
+    logger.info(
+        "starting",
+        extra={"model_dir": str(settings.model_dir), "model": settings.model_name},
+    )
     from .app import ModelServer  # imports TensorFlow: after the settings are known good
 
     server = ModelServer(settings)
