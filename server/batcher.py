@@ -61,10 +61,6 @@ class Batcher:
         self._closed = False
         self._task: asyncio.Task[None] | None = None
 
-    @property
-    def queued_images(self) -> int:
-        return self._queued_images
-
     def start(self) -> None:
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._run(), name="batcher")

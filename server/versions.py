@@ -19,7 +19,6 @@ import asyncio
 import contextlib
 import gc
 import logging
-import re
 import time
 from collections.abc import Iterable
 from concurrent.futures import Executor, ThreadPoolExecutor
@@ -28,6 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
+from mnist_serving.trainer.export import version_dirs
+
 from . import metrics
 from .batcher import Batcher, run_model
 from .errors import DeadlineExpired, ModelNotFound
@@ -35,7 +36,6 @@ from .model import SIGNATURES, LoadedModel, Prediction, import_runtime, load_mod
 from .settings import Settings
 
 logger = logging.getLogger(__name__)
-_VERSION = re.compile(r"[1-9][0-9]*")
 Fingerprint = tuple[tuple[str, int, int, int], ...]
 
 
@@ -87,14 +87,6 @@ class ServedVersion:
         """Drop the references to the model (batchers hold its predict method), after drain."""
         self.batchers.clear()
         self.model.release()
-
-
-def versions_on_disk(model_dir: Path) -> dict[int, Path]:
-    if not model_dir.is_dir():
-        return {}
-    return {
-        int(p.name): p for p in model_dir.iterdir() if _VERSION.fullmatch(p.name) and p.is_dir()
-    }
 
 
 def wanted(available: Iterable[int], settings: Settings) -> tuple[list[int], int]:
@@ -159,7 +151,7 @@ class ModelRegistry:
             if self._closed:
                 return
             await self._prepare_runtime()
-            on_disk = versions_on_disk(self.settings.model_dir)
+            on_disk = version_dirs(self.settings.model_dir)
             for version in self._failed.keys() - on_disk.keys():
                 del self._failed[version]  # a folder that comes back is a new folder
             candidates, limit = wanted(

@@ -20,7 +20,8 @@ from mnist_serving.server import versions
 from mnist_serving.server.errors import ModelNotFound
 from mnist_serving.server.model import LoadedModel
 from mnist_serving.server.settings import Settings
-from mnist_serving.server.versions import ModelRegistry, versions_on_disk, wanted
+from mnist_serving.server.versions import ModelRegistry, wanted
+from mnist_serving.trainer.export import version_dirs
 
 
 class FakeLoader:
@@ -137,8 +138,8 @@ def test_only_positive_integer_folders_are_versions(tmp_path: Path) -> None:
     for name in ("1", "12", ".tmp-4-xyz", "0", "03", "4.tmp", "-5", "6 ", "٣"):
         (tmp_path / name).mkdir()
     (tmp_path / "7").write_text("a file, not a folder")
-    assert sorted(versions_on_disk(tmp_path)) == [1, 12]
-    assert versions_on_disk(tmp_path / "missing") == {}
+    assert sorted(version_dirs(tmp_path)) == [1, 12]
+    assert version_dirs(tmp_path / "missing") == {}
 
 
 async def test_latest_serves_the_newest_and_a_broken_one_makes_room(

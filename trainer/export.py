@@ -30,14 +30,22 @@ SIGNATURE_UINT8 = "serving_default"
 SIGNATURE_FLOAT = "serving_float"
 INPUT_NAME = "images"
 REPORT_DIR = "assets.extra"
-_VERSION = re.compile(r"^[1-9][0-9]*$")
+_VERSION = re.compile(r"[1-9][0-9]*")
+
+
+def version_dirs(model_dir: Path) -> dict[int, Path]:
+    """The complete exports under model_dir by version: folders named exactly by a positive
+    integer (hidden temporary folders and anything else are not versions)."""
+    if not model_dir.is_dir():
+        return {}
+    return {
+        int(p.name): p for p in model_dir.iterdir() if _VERSION.fullmatch(p.name) and p.is_dir()
+    }
 
 
 def existing_versions(model_dir: Path) -> list[int]:
     """Version numbers present under model_dir, ascending (complete exports only)."""
-    if not model_dir.is_dir():
-        return []
-    return sorted(int(p.name) for p in model_dir.iterdir() if _VERSION.match(p.name) and p.is_dir())
+    return sorted(version_dirs(model_dir))
 
 
 def next_version(model_dir: Path) -> int:
