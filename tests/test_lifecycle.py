@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import grpc
@@ -15,7 +16,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from mnist_serving.protos.mnist.v1 import predict_pb2 as pb
 from mnist_serving.protos.mnist.v1 import predict_pb2_grpc
 
-from .support import ServerProcess
+from .support import ServerProcess, scrape
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -98,6 +99,11 @@ def test_sigterm_flips_health_and_lets_the_call_in_flight_finish(tiny_model_dir:
 
     reader = threading.Thread(target=read_updates)
     reader.start()
+    # SIGTERM only once the server holds the call: one still on the wire would be refused.
+    give_up = time.monotonic() + 10
+    while scrape(server).get(("mnist_batch_queue_depth", ()), 0.0) < 3:
+        assert time.monotonic() < give_up, "the call never reached the server's queue"
+        time.sleep(0.01)
     server.process.send_signal(15)
     answer = in_flight.result(timeout=20)
     assert np.frombuffer(answer.classes.content, dtype="<i8").shape == (3,)
