@@ -22,6 +22,7 @@ FROM base AS wheel
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY protos/ protos/
+COPY contract/ contract/
 COPY trainer/ trainer/
 COPY server/ server/
 COPY client/ client/

@@ -34,8 +34,8 @@ lint: $(STAMP)
 # through a throw-away tree of links that mirrors the installed names.
 typecheck: $(STAMP)
 	rm -rf .typecheck && mkdir -p .typecheck/mnist_serving
-	for d in protos trainer server client; do ln -s ../../$$d .typecheck/mnist_serving/$$d; done
-	MYPYPATH=.typecheck:. $(BIN)/mypy -p mnist_serving.protos -p mnist_serving.trainer \
+	for d in protos contract trainer server client; do ln -s ../../$$d .typecheck/mnist_serving/$$d; done
+	MYPYPATH=.typecheck:. $(BIN)/mypy -p mnist_serving.protos -p mnist_serving.contract -p mnist_serving.trainer \
 		-p mnist_serving.server -p mnist_serving.client -p tests -p bench
 	MYPYPATH=.typecheck $(BIN)/mypy scripts/demo.py
 

@@ -77,7 +77,7 @@ def load(target: str, images: int, concurrency: int, seconds: float) -> dict[str
 
 def in_process_images_per_s(model_dir: Path, batch: int, seconds: float) -> dict[str, Any]:
     """The SavedModel's own speed at `batch`, called in this process as the server calls it."""
-    from mnist_serving.server.model import load_model
+    from mnist_serving.server.runtimes import load_model
 
     version = max(int(p.name) for p in model_dir.iterdir() if p.name.isdigit())
     model = load_model(model_dir / str(version), "mnist", version)

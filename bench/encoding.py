@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from mnist_serving.trainer.tfquiet import import_tensorflow
+from mnist_serving.contract.tfquiet import import_tensorflow
 
 import_tensorflow()  # before tensorflow.core, so its start-up noise stays hidden
 from tensorflow.core.framework import tensor_pb2  # noqa: E402

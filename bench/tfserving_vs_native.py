@@ -30,9 +30,9 @@ from prometheus_client.parser import text_string_to_metric_families
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from mnist_serving.contract.tfquiet import import_tensorflow  # noqa: E402
 from mnist_serving.protos.mnist.v1 import predict_pb2 as pb  # noqa: E402
 from mnist_serving.protos.mnist.v1 import predict_pb2_grpc  # noqa: E402
-from mnist_serving.trainer.tfquiet import import_tensorflow  # noqa: E402
 from tests.support import ServerProcess  # noqa: E402
 
 tf = import_tensorflow()

@@ -17,8 +17,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+from mnist_serving.contract import existing_versions
 from mnist_serving.server.launcher import ServerProcess
-from mnist_serving.trainer.export import existing_versions
 
 # Where Keras' download (the trainer's fallback without --data) leaves the data set.
 KERAS_CACHE = Path.home() / ".keras" / "datasets" / "mnist.npz"

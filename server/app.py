@@ -13,11 +13,9 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
-from mnist_serving.protos.mnist.v1 import predict_pb2, predict_pb2_grpc
-
+from .api import native
 from .core import InferenceCore
 from .errors import StartupError
-from .servicer import MnistServicer
 from .settings import Settings
 from .versions import ModelRegistry
 
@@ -25,7 +23,7 @@ logger = logging.getLogger(__name__)
 
 # A 4096-image float32 batch is 12.8 MB; leave room for the largest allowed request.
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
-NATIVE_SERVICE = predict_pb2.DESCRIPTOR.services_by_name["MnistService"].full_name
+NATIVE_SERVICE = native.SERVICE.full_name
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
@@ -66,11 +64,12 @@ class ModelServer:
             )
         # Imported once a version has loaded: TF Serving's protos import the tensorflow
         # package, which load_model has imported by now (quietly unless --verbose-tensorflow).
-        from . import tfserving
+        from .api import tfserving
 
         services = (NATIVE_SERVICE, *tfserving.SERVICE_NAMES)
-        predict_pb2_grpc.add_MnistServiceServicer_to_server(MnistServicer(self.core), self._grpc)
-        tfserving.add_servicers(self.core, self._grpc)
+        self._grpc.add_generic_rpc_handlers(
+            (*native.handlers(self.core), *tfserving.handlers(self.core))
+        )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
         reflection.enable_server_reflection(
             (*services, health.SERVICE_NAME, reflection.SERVICE_NAME), self._grpc

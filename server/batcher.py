@@ -25,7 +25,7 @@ import numpy as np
 
 from . import metrics
 from .errors import DeadlineExpired, Overloaded, ShuttingDown
-from .model import Prediction
+from .runtimes import Prediction
 
 logger = logging.getLogger(__name__)
 

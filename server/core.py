@@ -10,7 +10,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .model import NUM_CLASSES, Prediction
+from .runtimes import NUM_CLASSES, Prediction
 from .settings import Settings
 from .validation import decode_images
 from .versions import ModelRegistry

@@ -27,6 +27,10 @@ REQUEST_SECONDS = Histogram(
     "request_duration_seconds", "Time from receiving an RPC to answering it.",
     ["api", "method"], namespace=NAMESPACE, buckets=LATENCY_BUCKETS,
 )  # fmt: skip
+UNDECODABLE = Counter(
+    "undecodable_requests", "Requests whose bytes were not a message of the method's type.",
+    ["api", "method"], namespace=NAMESPACE,
+)  # fmt: skip
 IN_FLIGHT = Gauge("requests_in_flight", "RPCs being handled right now.", namespace=NAMESPACE)
 QUEUE_WAIT = Histogram(
     "batch_queue_wait_seconds", "Time a request waited in the batch queue.",

@@ -27,12 +27,12 @@ from pathlib import Path
 
 import numpy as np
 
-from mnist_serving.trainer.export import version_dirs
+from mnist_serving.contract import SIGNATURES, version_dirs
 
 from . import metrics
 from .batcher import Batcher, run_model
 from .errors import DeadlineExpired, ModelNotFound
-from .model import SIGNATURES, LoadedModel, Prediction, import_runtime, load_model
+from .runtimes import Model, Prediction, import_runtime, load_model
 from .settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -43,7 +43,7 @@ Fingerprint = tuple[tuple[str, int, int, int], ...]
 class ServedVersion:
     """A loaded version and the way requests reach it (a batcher per input dtype, or none)."""
 
-    model: LoadedModel
+    model: Model
     executor: Executor
     batchers: dict[str, Batcher] = field(default_factory=dict)
     _in_flight: int = field(default=0, init=False)
@@ -254,7 +254,7 @@ class ModelRegistry:
 
     async def _load(self, version: int, path: Path) -> ServedVersion | None:
         logger.info("loading version", extra={"version": version, "path": str(path)})
-        model: LoadedModel | None = None
+        model: Model | None = None
         try:
             model = await asyncio.get_running_loop().run_in_executor(
                 self._loader, self._load_on_thread, version, path
@@ -285,7 +285,7 @@ class ModelRegistry:
         )
         return served
 
-    def _load_on_thread(self, version: int, path: Path) -> LoadedModel:
+    def _load_on_thread(self, version: int, path: Path) -> Model:
         self._loading = path
         try:
             return load_model(path, self.name, version, self.settings.verbose_tensorflow)

@@ -56,9 +56,9 @@ def trained_model_dir(mnist_path: Path, tmp_path_factory: pytest.TempPathFactory
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An untrained MLP exported in the real layout: for tests that need any model, fast."""
+    from mnist_serving.contract.tfquiet import import_tensorflow
     from mnist_serving.trainer.export import export_saved_model
     from mnist_serving.trainer.model import build_model
-    from mnist_serving.trainer.tfquiet import import_tensorflow
 
     import_tensorflow().keras.utils.set_random_seed(0)
     model_dir = tmp_path_factory.mktemp("tiny") / "mnist"

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from mnist_serving.trainer.tfquiet import import_tensorflow
+from mnist_serving.contract.tfquiet import import_tensorflow
 
 
 def describe(spec: Any) -> dict[str, Any]:

@@ -12,7 +12,7 @@ import pytest
 
 from mnist_serving.server.batcher import Batcher
 from mnist_serving.server.errors import DeadlineExpired, Overloaded, ShuttingDown
-from mnist_serving.server.model import Prediction
+from mnist_serving.server.runtimes import Prediction
 
 
 class RecordingModel:

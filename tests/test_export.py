@@ -13,12 +13,8 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
-from mnist_serving.trainer.export import (
-    REPORT_DIR,
-    existing_versions,
-    export_saved_model,
-    next_version,
-)
+from mnist_serving.contract import REPORT_DIR, existing_versions, next_version
+from mnist_serving.trainer.export import export_saved_model
 
 from .synthetic_mnist import make_arrays
 
@@ -73,9 +69,9 @@ def check_served_contract(found: dict[str, Any], count: int) -> None:
 @pytest.fixture(scope="module")
 def small_trained_export(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Any, Any]:
     """A model fitted in-process on generated data, exported; its own Keras predictions."""
+    from mnist_serving.contract.tfquiet import import_tensorflow
     from mnist_serving.trainer.data import scale
     from mnist_serving.trainer.model import build_model
-    from mnist_serving.trainer.tfquiet import import_tensorflow
 
     tf = import_tensorflow()
     tf.keras.utils.set_random_seed(1)

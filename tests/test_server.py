@@ -48,7 +48,7 @@ def test_images(mnist_path: Path) -> tuple[np.ndarray, np.ndarray]:
 
 def in_process_predictions(model_dir: Path, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """What the SavedModel itself answers, loaded in this process."""
-    from mnist_serving.trainer.tfquiet import import_tensorflow
+    from mnist_serving.contract.tfquiet import import_tensorflow
 
     tf = import_tensorflow()
     signature = tf.saved_model.load(str(model_dir / "1")).signatures["serving_default"]

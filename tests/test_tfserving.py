@@ -14,9 +14,9 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from mnist_serving.contract.tfquiet import import_tensorflow
 from mnist_serving.protos.mnist.v1 import predict_pb2 as pb
 from mnist_serving.protos.mnist.v1 import predict_pb2_grpc
-from mnist_serving.trainer.tfquiet import import_tensorflow
 
 from .support import ServerProcess, scrape
 

@@ -15,8 +15,8 @@ from typing import Any
 import numpy as np
 import pytest
 
+from mnist_serving.contract import REPORT_DIR
 from mnist_serving.trainer.data import load_path
-from mnist_serving.trainer.export import REPORT_DIR
 from mnist_serving.trainer.report import FIGURES, confusion_matrix, per_class
 from mnist_serving.trainer.train import TrainConfig, train_and_export
 

@@ -36,9 +36,9 @@ REQUEST = pb.PredictRequest(
 
 def export_version(model_dir: Path, version: int, arch: str = "mlp") -> Path:
     """The trainer's export of a fresh model, seeded by its version so that answers differ."""
+    from mnist_serving.contract.tfquiet import import_tensorflow
     from mnist_serving.trainer.export import export_saved_model
     from mnist_serving.trainer.model import build_model
-    from mnist_serving.trainer.tfquiet import import_tensorflow
 
     import_tensorflow().keras.utils.set_random_seed(version)
     return export_saved_model(build_model(arch), model_dir, version=version)
@@ -272,7 +272,7 @@ def test_broken_and_half_written_versions_are_kept_out_and_the_last_good_one_ser
 
 
 def write_wrong_signature(model_dir: Path, version: int) -> None:
-    from mnist_serving.trainer.tfquiet import import_tensorflow
+    from mnist_serving.contract.tfquiet import import_tensorflow
 
     tf = import_tensorflow()
     module = tf.Module()
@@ -366,8 +366,8 @@ def rss_mb(pid: int) -> float:
 @pytest.fixture(scope="module")
 def heavy_versions(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     """Two ~80 MB models (20M weights): a leaked version would show plainly in the RSS."""
+    from mnist_serving.contract.tfquiet import import_tensorflow
     from mnist_serving.trainer.export import export_saved_model
-    from mnist_serving.trainer.tfquiet import import_tensorflow
 
     keras = import_tensorflow().keras
     folder = tmp_path_factory.mktemp("heavy")

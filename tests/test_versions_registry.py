@@ -10,18 +10,18 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pytest
 from prometheus_client import REGISTRY
 
+from mnist_serving.contract import version_dirs
 from mnist_serving.server import versions
 from mnist_serving.server.errors import ModelNotFound
-from mnist_serving.server.model import LoadedModel
+from mnist_serving.server.runtimes.tensorflow import LoadedModel
 from mnist_serving.server.settings import Settings
 from mnist_serving.server.versions import ModelRegistry, wanted
-from mnist_serving.trainer.export import version_dirs
 
 
 class FakeLoader:
@@ -49,7 +49,7 @@ class FakeLoader:
             }
 
         functions = {"uint8": function, "float32": function}
-        return LoadedModel(name, version, path, 0.01, {}, functions, object())
+        return LoadedModel(name, version, path, 0.01, {}, _functions=functions, _saved=object())
 
 
 class _Eager:
@@ -236,10 +236,12 @@ async def test_an_unloaded_version_finishes_its_requests_before_it_is_released(
     assert served_versions(registry) == [2]
     assert version_info(1) is None
     await asyncio.sleep(0.05)
-    assert old.model._saved is not None  # hidden from new requests, not yet released
+    assert (
+        cast(LoadedModel, old.model)._saved is not None
+    )  # hidden from new requests, not yet released
     loader.slow_predict.set()
     assert await in_flight == 1  # finished on the version it started on
-    await wait_until(lambda: old.model._saved is None)
+    await wait_until(lambda: cast(LoadedModel, old.model)._saved is None)
     assert old.batchers == {}
     assert version_info(2) == 1
     await registry.close()

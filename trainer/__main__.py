@@ -13,8 +13,9 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from mnist_serving.contract import REPORT_DIR, existing_versions, next_version
+
 from .data import DataError, Dataset, download_with_keras, load_path
-from .export import REPORT_DIR, existing_versions, next_version
 from .model import ARCHITECTURES
 
 logger = logging.getLogger("mnist_serving.trainer")
@@ -98,7 +99,8 @@ def load_dataset(data: Path | None) -> Dataset:
 
 def run(args: argparse.Namespace) -> int:
     # Imported here so that --help and argument errors do not wait for TensorFlow.
-    from .tfquiet import import_tensorflow
+    from mnist_serving.contract.tfquiet import import_tensorflow
+
     from .train import VALIDATION_SPLIT, TrainConfig, train_and_export
 
     if args.version is not None and args.version in existing_versions(args.model_dir):

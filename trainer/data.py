@@ -272,7 +272,7 @@ def download_with_keras() -> Dataset:
     The same origin and checksum as load_data(); going through get_file gives the cached
     file's path, so the download is validated and checksummed like a local file.
     """
-    from .tfquiet import import_tensorflow
+    from mnist_serving.contract.tfquiet import import_tensorflow
 
     keras = import_tensorflow().keras
     try:

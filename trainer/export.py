@@ -17,40 +17,20 @@ names that are not integers, so it never sees half a model.
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .tfquiet import import_tensorflow
-
-SIGNATURE_UINT8 = "serving_default"
-SIGNATURE_FLOAT = "serving_float"
-INPUT_NAME = "images"
-REPORT_DIR = "assets.extra"
-_VERSION = re.compile(r"[1-9][0-9]*")
-
-
-def version_dirs(model_dir: Path) -> dict[int, Path]:
-    """The complete exports under model_dir by version: folders named exactly by a positive
-    integer (hidden temporary folders and anything else are not versions)."""
-    if not model_dir.is_dir():
-        return {}
-    return {
-        int(p.name): p for p in model_dir.iterdir() if _VERSION.fullmatch(p.name) and p.is_dir()
-    }
-
-
-def existing_versions(model_dir: Path) -> list[int]:
-    """Version numbers present under model_dir, ascending (complete exports only)."""
-    return sorted(version_dirs(model_dir))
-
-
-def next_version(model_dir: Path) -> int:
-    versions = existing_versions(model_dir)
-    return versions[-1] + 1 if versions else 1
+from mnist_serving.contract import (
+    INPUT_NAME,
+    REPORT_DIR,
+    SIGNATURE_FLOAT,
+    SIGNATURE_UINT8,
+    next_version,
+)
+from mnist_serving.contract.tfquiet import import_tensorflow
 
 
 def export_saved_model(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .tfquiet import import_tensorflow
+from mnist_serving.contract.tfquiet import import_tensorflow
 
 ARCHITECTURES = ("mlp", "cnn")
 

@@ -13,11 +13,13 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from mnist_serving.contract import next_version
+from mnist_serving.contract.tfquiet import import_tensorflow
+
 from . import report
 from .data import Dataset, scale
-from .export import export_saved_model, next_version
+from .export import export_saved_model
 from .model import build_model
-from .tfquiet import import_tensorflow
 
 logger = logging.getLogger(__name__)
 

@@ -7,10 +7,11 @@ from typing import Any
 import grpc
 
 from mnist_serving.protos.mnist.v1 import predict_pb2 as pb
-from mnist_serving.protos.mnist.v1 import predict_pb2_grpc
 
-from .core import CLASS_LABELS, InferenceCore
-from .errors import rpc_method
+from ..core import CLASS_LABELS, InferenceCore
+from .rpc import service_handler
+
+SERVICE = pb.DESCRIPTOR.services_by_name["MnistService"]
 
 DTYPE_NAMES = {pb.DATA_TYPE_UINT8: "uint8", pb.DATA_TYPE_FLOAT32: "float32"}
 _INPUTS = [
@@ -24,11 +25,14 @@ _OUTPUTS = [
 ]
 
 
-class MnistServicer(predict_pb2_grpc.MnistServiceServicer):  # type: ignore[misc]
+def handlers(core: InferenceCore) -> list[grpc.GenericRpcHandler[Any, Any]]:
+    return [service_handler(SERVICE, "native", MnistServicer(core))]
+
+
+class MnistServicer:
     def __init__(self, core: InferenceCore) -> None:
         self.core = core
 
-    @rpc_method("native", "Predict")
     async def Predict(
         self, request: pb.PredictRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.PredictResponse:
@@ -57,7 +61,6 @@ class MnistServicer(predict_pb2_grpc.MnistServiceServicer):  # type: ignore[misc
             ),
         )
 
-    @rpc_method("native", "GetModelMetadata")
     async def GetModelMetadata(
         self, request: pb.GetModelMetadataRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.GetModelMetadataResponse:

@@ -3,7 +3,7 @@
 tensorflow.serving.PredictionService (Predict, GetModelMetadata) and ModelService
 (GetModelStatus), from the generated code of the tensorflow-serving-api package: proto in,
 the same InferenceCore as the native API, proto out. Classify, Regress, MultiInference and
-HandleReloadConfigRequest answer UNIMPLEMENTED.
+HandleReloadConfigRequest answer UNIMPLEMENTED (api/rpc.py, for methods a servicer lacks).
 
 Tensors are filled field by field (dtype, tensor_shape.dim, tensor_content), never through
 tf.make_tensor_proto: the TensorFlow runtime stays in model.py. The message and enum types
@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Sequence
-from typing import Any, NoReturn
+from typing import Any
 
 import grpc
 import numpy as np
@@ -25,15 +25,15 @@ from tensorflow_serving.apis import (
     get_model_status_pb2,
     model_pb2,
     model_service_pb2,
-    model_service_pb2_grpc,
     predict_pb2,
     prediction_service_pb2,
-    prediction_service_pb2_grpc,
 )
 
-from .core import InferenceCore, VersionReport
-from .errors import InvalidInput, ModelNotFound, rpc_method
-from .model import INPUT_NAME, SIGNATURES
+from mnist_serving.contract import INPUT_NAME, OUTPUTS, SIGNATURES
+
+from ..core import InferenceCore, VersionReport
+from ..errors import InvalidInput, ModelNotFound
+from .rpc import service_handler
 
 logger = logging.getLogger(__name__)
 
@@ -51,19 +51,28 @@ VALUE_FIELDS: dict[int, tuple[str, np.dtype[Any]]] = {
     types_pb2.DT_UINT8: ("int_val", np.dtype(np.int32)),
     types_pb2.DT_FLOAT: ("float_val", np.dtype("<f4")),
 }
-OUTPUTS = ("probabilities", "classes")
 METADATA_FIELDS = ("signature_def",)
 
 TensorProto = Any  # tensorflow.TensorProto; TensorFlow ships no type stubs
 
 
-class PredictionServicer(
-    prediction_service_pb2_grpc.PredictionServiceServicer  # type: ignore[misc]
-):
+UNIMPLEMENTED = (
+    "this server answers PredictionService/Predict, PredictionService/GetModelMetadata "
+    "and ModelService/GetModelStatus"
+)
+
+
+def handlers(core: InferenceCore) -> list[grpc.GenericRpcHandler[Any, Any]]:
+    return [
+        service_handler(PREDICTION_SERVICE, "tfserving", PredictionServicer(core), UNIMPLEMENTED),
+        service_handler(MODEL_SERVICE, "tfserving", ModelServicer(core), UNIMPLEMENTED),
+    ]
+
+
+class PredictionServicer:
     def __init__(self, core: InferenceCore) -> None:
         self.core = core
 
-    @rpc_method("tfserving", "Predict")
     async def Predict(
         self, request: predict_pb2.PredictRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> predict_pb2.PredictResponse:
@@ -91,7 +100,6 @@ class PredictionServicer(
             fill_tensor(response.outputs["classes"], types_pb2.DT_INT64, prediction.classes)
         return response
 
-    @rpc_method("tfserving", "GetModelMetadata")
     async def GetModelMetadata(
         self,
         request: get_model_metadata_pb2.GetModelMetadataRequest,
@@ -108,28 +116,11 @@ class PredictionServicer(
         response.metadata["signature_def"].Pack(signature_map)
         return response
 
-    # Without these, the generated base class answers UNIMPLEMENTED too, but through a
-    # logged NotImplementedError and a message that says nothing to the caller.
-    @rpc_method("tfserving", "Classify")
-    async def Classify(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-        await not_served("Classify", context)
 
-    @rpc_method("tfserving", "Regress")
-    async def Regress(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-        await not_served("Regress", context)
-
-    @rpc_method("tfserving", "MultiInference")
-    async def MultiInference(
-        self, request: Any, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> Any:
-        await not_served("MultiInference", context)
-
-
-class ModelServicer(model_service_pb2_grpc.ModelServiceServicer):  # type: ignore[misc]
+class ModelServicer:
     def __init__(self, core: InferenceCore) -> None:
         self.core = core
 
-    @rpc_method("tfserving", "GetModelStatus")
     async def GetModelStatus(
         self,
         request: get_model_status_pb2.GetModelStatusRequest,
@@ -143,28 +134,6 @@ class ModelServicer(model_service_pb2_grpc.ModelServiceServicer):  # type: ignor
                 for v in versions
             ]
         )
-
-    @rpc_method("tfserving", "HandleReloadConfigRequest")
-    async def HandleReloadConfigRequest(
-        self, request: Any, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> Any:
-        await not_served("HandleReloadConfigRequest", context)
-
-
-async def not_served(method: str, context: grpc.aio.ServicerContext[Any, Any]) -> NoReturn:
-    await context.abort(
-        grpc.StatusCode.UNIMPLEMENTED,
-        f"{method} is not served here: this server answers PredictionService/Predict, "
-        "PredictionService/GetModelMetadata and ModelService/GetModelStatus",
-    )
-    raise AssertionError("unreachable: abort raises")
-
-
-def add_servicers(core: InferenceCore, server: grpc.aio.Server) -> None:
-    prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(
-        PredictionServicer(core), server
-    )
-    model_service_pb2_grpc.add_ModelServiceServicer_to_server(ModelServicer(core), server)
 
 
 # Translation: TF Serving's messages <-> the core's arguments.

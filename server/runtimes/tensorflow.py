@@ -1,4 +1,7 @@
-"""Load one SavedModel version, warm it up, and run it. The only TensorFlow import in server/."""
+"""The TensorFlow runtime: load a SavedModel version, warm it up, run it.
+
+The only module in server/ that imports TensorFlow.
+"""
 
 from __future__ import annotations
 
@@ -11,27 +14,13 @@ from typing import Any
 
 import numpy as np
 
-from mnist_serving.trainer.tfquiet import import_tensorflow
+from mnist_serving.contract import INPUT_NAME, NUM_CLASSES, REPORT, SAVED_MODEL, SIGNATURES
+from mnist_serving.contract.tfquiet import import_tensorflow
 
-from .errors import InvalidInput
+from ..errors import InvalidInput
+from . import Prediction
 
 logger = logging.getLogger(__name__)
-
-# The trainer's export contract (trainer/export.py).
-SIGNATURES = {"uint8": "serving_default", "float32": "serving_float"}
-INPUT_NAME = "images"
-NUM_CLASSES = 10
-REPORT = Path("assets.extra") / "metrics.json"
-SAVED_MODEL = "saved_model.pb"
-
-
-@dataclass(frozen=True)
-class Prediction:
-    probabilities: np.ndarray  # float32 [N, 10]
-    classes: np.ndarray  # int64 [N]
-
-    def __len__(self) -> int:
-        return len(self.classes)
 
 
 @dataclass
@@ -41,6 +30,7 @@ class LoadedModel:
     path: Path
     load_seconds: float
     report: dict[str, Any] = field(default_factory=dict)
+    runtime: str = "tensorflow"
     _functions: dict[str, Any] = field(default_factory=dict, repr=False)
     _saved: Any = field(default=None, repr=False)
     # The served signatures as written in saved_model.pb (tensorflow.SignatureDef protos):
@@ -83,7 +73,9 @@ def load_model(path: Path, name: str, version: int, verbose: bool = False) -> Lo
         if spec is None or spec.dtype.name != dtype or spec.shape.as_list() != [None, 28, 28]:
             raise ValueError(f"{path} signature {signature!r} does not take {dtype} [N, 28, 28]")
         functions[dtype] = function
-    model = LoadedModel(name, version, path, 0.0, _read_report(path), functions, saved)
+    model = LoadedModel(
+        name, version, path, 0.0, _read_report(path), _functions=functions, _saved=saved
+    )
     model.signature_defs = _read_signature_defs(path)
     for dtype in functions:
         # The first calls trace and allocate; pay for them before taking traffic.

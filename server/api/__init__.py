@@ -1,0 +1,1 @@
+"""One module per protocol; each only translates its messages to the core and back."""
