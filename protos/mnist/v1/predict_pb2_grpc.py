@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from . import predict_pb2 as mnist_dot_v1_dot_predict__pb2
+from mnist_serving.protos.mnist.v1 import predict_pb2 as mnist_dot_v1_dot_predict__pb2
 
 GRPC_GENERATED_VERSION = '1.81.1'
 GRPC_VERSION = grpc.__version__
