@@ -344,10 +344,11 @@ def test_server_flag_values_are_valid_settings(overlay: str) -> None:
     settings = import_or_skip("mnist_serving.server.settings")
     container = server_container(pod_spec(render(overlay), overlay))
     known = settings.Settings.model_fields
+    # The TLS files exist only in the pod, and --health-port goes with them.
     values = {
         field_name(flag): value
         for flag, value in flags(container).items()
-        if field_name(flag) in known and not flag.startswith("--tls-")
+        if field_name(flag) in known and not flag.startswith(("--tls-", "--health-port"))
     }
     assert values, "no flag the server knows"
     settings.Settings(**values)
@@ -405,7 +406,9 @@ def test_probes_ask_the_grpc_health_service(overlay: str) -> None:
         assert service in HEALTH_SERVICES, f"{kind}: {service!r} is no health service name"
 
 
+@pytest.fixture
 def probe_services() -> set[str]:
+    """Every health service name a probe asks for, in any overlay."""
     return {
         probe["grpc"].get("service", "")
         for overlay in OVERLAYS
@@ -413,12 +416,14 @@ def probe_services() -> set[str]:
     }
 
 
-def test_probed_services_say_serving_on_the_real_server(served_tiny: ServerProcess) -> None:
+def test_probed_services_say_serving_on_the_real_server(
+    probe_services: set[str], served_tiny: ServerProcess
+) -> None:
     """Each service name a probe asks for is one the real server's health service knows."""
     with grpc.insecure_channel(served_tiny.target) as channel:
         health = health_pb2_grpc.HealthStub(channel)
         unknown = []
-        for service in sorted(probe_services()):
+        for service in sorted(probe_services):
             try:
                 answer = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=10)
             except grpc.RpcError as error:
@@ -501,6 +506,17 @@ def test_images_are_the_dockerfile_targets(overlay: str) -> None:
             assert container.get("imagePullPolicy") == "IfNotPresent", container["name"]
     stages = {s.name for s in parse_dockerfile(DOCKERFILE.read_text(encoding="utf-8"))}
     assert {"server", "trainer"} <= set(images) <= stages
+    version = load_pyproject_version()
+    assert {image.rpartition(":")[2] for image in images.values()} == {version}
+    for item in render(overlay):
+        assert item["metadata"]["labels"]["app.kubernetes.io/version"] == version
+
+
+def load_pyproject_version() -> str:
+    tomllib = pytest.importorskip("tomllib", reason="tomllib needs Python 3.11+")
+    with (REPO / "pyproject.toml").open("rb") as stream:
+        version: str = tomllib.load(stream)["project"]["version"]
+    return version
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
