@@ -487,6 +487,9 @@ def test_pods_run_as_the_image_user_without_privileges(overlay: str) -> None:
         assert context["fsGroup"] == gid, target
         assert context["seccompProfile"]["type"] == "RuntimeDefault", target
         assert spec.get("automountServiceAccountToken") is False, target
+        # Service link variables would land in the MNIST_SERVING_* namespace the server reads
+        # its settings from (the Service mnist-serving gives MNIST_SERVING_PORT=tcp://...).
+        assert spec.get("enableServiceLinks") is False, target
         for container in spec.get("initContainers", []) + spec["containers"]:
             security = container["securityContext"]
             assert security["allowPrivilegeEscalation"] is False, container["name"]
