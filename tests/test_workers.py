@@ -275,6 +275,43 @@ def test_sigterm_drains_every_worker_and_exits_0(tiny_model_dir: Path) -> None:
     assert logged(server, r"worker=supervisor msg=stopped")
 
 
+def gone(pid: int) -> bool:
+    """Exited (a zombie that nobody has reaped yet counts as exited)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return True
+    return state in ("Z", "X")
+
+
+def test_workers_stop_when_the_supervisor_is_killed(tiny_model_dir: Path) -> None:
+    server = ServerProcess(tiny_model_dir, "--workers", str(WORKERS), "--poll-interval", "0")
+    pids = worker_pids(server)
+    server.process.kill()
+    server.process.wait(30)
+    for index, pid in pids.items():
+        wait_until(lambda pid=pid: gone(pid), f"worker {index} exiting")  # type: ignore[misc]
+    assert len(logged(server, r"msg=stopped")) == WORKERS
+
+
+def test_long_lived_connections_move_between_workers(tiny_model_dir: Path) -> None:
+    server = ServerProcess(
+        tiny_model_dir, *("--workers", str(WORKERS), "--max-connection-age", "0.5")
+    )
+    try:
+        channel = own_connection(server.target)
+        seen = {worker_behind(channel)}
+
+        def reached_both() -> bool:
+            seen.add(worker_behind(channel))  # gRPC reconnects after each GOAWAY
+            return len(seen) == WORKERS
+
+        wait_until(reached_both, "one channel reaching both workers")
+        channel.close()
+    finally:
+        assert server.stop() == 0, server.log
+
+
 def test_a_new_version_is_served_by_every_worker(tiny_model_dir: Path, tmp_path: Path) -> None:
     model_dir = tmp_path / "mnist"
     shutil.copytree(tiny_model_dir, model_dir)
