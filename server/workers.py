@@ -220,7 +220,8 @@ def reserve_port(host: str, port: int) -> socket.socket:
 @dataclass(eq=False)
 class _Worker:
     index: int
-    process: asyncio.subprocess.Process | None = None
+    process: asyncio.subprocess.Process | None = None  # while it runs
+    pid: int = 0  # the newest one's
     ready: bool = False
     serving: bool = False
     error: str = ""
@@ -273,16 +274,19 @@ class Supervisor:
         await self._until(lambda: bool(self._failure) or self._stopping)
         self._stop_workers()
         _, late = await asyncio.wait(tasks, timeout=self.settings.grace_period + KILL_MARGIN)
-        for worker in self.workers:
-            if late and worker.process is not None and worker.process.returncode is None:
-                logger.warning("worker did not stop; killing it", extra=self._about(worker))
-                worker.process.kill()
+        if late:
+            for worker in self.workers:
+                if worker.process is not None and worker.process.returncode is None:
+                    logger.warning("worker did not stop; killing it", extra=self._about(worker))
+                    worker.process.kill()
         await asyncio.gather(*tasks)
         listener.shutdown()
         listener.server_close()
         self._release()
         if self._failure:
-            logger.error("cannot start", extra={"error": self._failure})
+            # Before SERVING, the one message for every worker that could not start.
+            message = "no worker can start any more" if self._serving else "cannot start"
+            logger.error(message, extra={"error": self._failure})
             return 1
         if self._bad_exits:
             logger.error("workers failed while stopping", extra={"workers": self._bad_exits})
@@ -291,6 +295,13 @@ class Supervisor:
         return 0
 
     async def _keep(self, worker: _Worker, env: dict[str, str]) -> None:
+        try:
+            await self._keep_running(worker, env)
+        except Exception as error:  # e.g. no process can be started (EMFILE, ENOMEM)
+            logger.exception("supervising a worker failed", extra={"child": worker.index})
+            self._fail(f"supervising worker {worker.index} failed: {error}")
+
+    async def _keep_running(self, worker: _Worker, env: dict[str, str]) -> None:
         """Run one worker, and start it again each time it dies, until the server stops."""
         from . import metrics
 
@@ -342,7 +353,7 @@ class Supervisor:
             # which forwards it as SIGTERM.
             start_new_session=True,
         )
-        worker.process = process
+        worker.process, worker.pid = process, process.pid
         logger.info("worker started", extra=self._about(worker))
         if self._stopping:
             process.send_signal(signal.SIGTERM)
@@ -412,8 +423,7 @@ class Supervisor:
                 await asyncio.wait_for(self._changed.wait(), left)
 
     def _about(self, worker: _Worker) -> dict[str, Any]:
-        pid = worker.process.pid if worker.process is not None else None
-        return {"child": worker.index, "pid": pid}
+        return {"child": worker.index, "pid": worker.pid}
 
     def _release(self) -> None:
         for held in self._held:
