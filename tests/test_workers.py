@@ -195,6 +195,34 @@ async def test_the_async_client_spreads_its_calls_too(two_workers: ServerProcess
         assert prediction.classes.shape == (4,)
 
 
+def test_mnist_client_score_spreads_over_connections(
+    two_workers: ServerProcess, tmp_path: Path
+) -> None:
+    source, output = tmp_path / "digits.npy", tmp_path / "scores.csv"
+    np.save(source, np.zeros((300, 28, 28), np.uint8))
+    score = [sys.executable, "-m", "mnist_serving.client", "score", "--target", two_workers.target]
+    args = ["--input", str(source), "--output", str(output), "--batch-size", "16"]
+    before = scrape(two_workers)
+    result = subprocess.run(
+        [*score, *args, "--connections", "8", "--no-progress"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert len(output.read_text().splitlines()) == 301  # a header and a row per image
+    after = scrape(two_workers)
+    images = value(after, "mnist_images_predicted_total") - value(
+        before, "mnist_images_predicted_total"
+    )
+    assert images == 300
+    refused = subprocess.run(
+        [*score, *args, "--connections", "0"], capture_output=True, text=True, timeout=60
+    )
+    assert refused.returncode == 2
+    assert "--connections" in refused.stderr
+
+
 def test_a_killed_worker_is_replaced_and_no_call_fails(tiny_model_dir: Path) -> None:
     server = ServerProcess(tiny_model_dir, "--workers", str(WORKERS), "--poll-interval", "0")
     try:
@@ -239,6 +267,31 @@ def test_a_killed_worker_is_replaced_and_no_call_fails(tiny_model_dir: Path) -> 
         samples = scrape(server)
         assert value(samples, "mnist_requests_in_flight") == 0
         assert value(samples, "mnist_model_version_info", name="mnist", version="1") == 1
+    finally:
+        assert server.stop() == 0, server.log
+
+
+def test_a_worker_that_cannot_restart_is_retried_while_the_others_serve(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    model_dir = tmp_path / "mnist"
+    shutil.copytree(tiny_model_dir, model_dir)
+    server = ServerProcess(model_dir, "--workers", str(WORKERS), "--poll-interval", "0")
+    try:
+        # The loaded version keeps serving; a new worker would find nothing to load.
+        (model_dir / "1").rename(model_dir / ".away")
+        os.kill(worker_pids(server)[1], signal.SIGKILL)
+        wait_until(
+            lambda: bool(logged(server, r'restarting it" child=1 .*no loadable model version')),
+            "a failed restart",
+        )
+        channel = own_connection(server.target)
+        assert predict(channel).model_spec.version == 1  # worker 0 still serves
+        (model_dir / ".away").rename(model_dir / "1")
+        wait_until(lambda: bool(logged(server, 'msg="worker replaced" child=1')), "replaced")
+        assert value(scrape(server), "mnist_worker_restarts_total") >= 2
+        assert set(connection_to_each_worker(server.target)) == {0, 1}
+        assert server.process.poll() is None
     finally:
         assert server.stop() == 0, server.log
 
