@@ -61,13 +61,19 @@ class Settings(BaseSettings):
     grace_period: float = Field(
         10.0, ge=0, description="seconds in-flight calls get to finish on SIGTERM"
     )
+    # 1 by default: one copy of the model in memory (~740 MB with TensorFlow), and on the
+    # 2-core machines measured so far a second worker competes with the clients for the
+    # same cores (1.1-1.3x). Raise it where bench/workers.py shows the gain.
     workers: int = Field(
         1,
         ge=1,
         le=256,
-        description="server processes sharing the ports, restarted when they die; 'auto': one "
-        "per CPU this process may use (affinity mask and cgroup quota). Each loads the model",
+        description="N or auto: server processes sharing the ports, restarted when they die; "
+        "auto is one per CPU this process may use (affinity mask, cgroup quota). Each "
+        "loads the model",
     )
+    # Long enough that reconnecting costs nothing (one handshake per connection per 5
+    # minutes), short enough that connections rebalance within minutes of a restart.
     max_connection_age: float = Field(
         300.0,
         ge=0,
