@@ -337,8 +337,13 @@ def gone(pid: int) -> bool:
     return state in ("Z", "X")
 
 
-def test_workers_stop_when_the_supervisor_is_killed(tiny_model_dir: Path) -> None:
-    server = ServerProcess(tiny_model_dir, "--workers", str(WORKERS), "--poll-interval", "0")
+def test_workers_stop_when_the_supervisor_is_killed(tiny_model_dir: Path, tmp_path: Path) -> None:
+    # TMPDIR: a killed supervisor cannot delete its metrics dir; pytest deletes tmp_path.
+    server = ServerProcess(
+        tiny_model_dir,
+        *("--workers", str(WORKERS), "--poll-interval", "0"),
+        env={"TMPDIR": str(tmp_path)},
+    )
     pids = worker_pids(server)
     server.process.kill()
     server.process.wait(30)
