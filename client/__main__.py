@@ -136,6 +136,13 @@ def _parser() -> argparse.ArgumentParser:
         help="requests in flight (default: %(default)s)",
     )
     score.add_argument(
+        "--connections",
+        type=_positive(int),
+        default=JobSettings.connections,
+        help="TCP connections to spread the requests over, e.g. one per server worker "
+        "(default: %(default)s)",
+    )
+    score.add_argument(
         "--resume",
         action="store_true",
         help="continue an interrupted OUT, retrying its failed rows (without it, OUT is replaced)",
@@ -280,6 +287,7 @@ def _score(args: argparse.Namespace) -> int:
         target=args.target,
         batch_size=args.batch_size,
         concurrency=args.concurrency,
+        connections=args.connections,
         model_version=args.model_version,
         timeout=args.timeout,
         credentials=_credentials(args),

@@ -1,11 +1,12 @@
 """The asyncio client over grpc.aio: the same calls as MnistClient, awaitable.
 
 Create it inside a running event loop (`async with AsyncMnistClient(target) as client:`);
-many `predict` calls may be in flight at once on its one channel.
+many `predict` calls may be in flight at once on its one channel (or its `connections`).
 """
 
 from __future__ import annotations
 
+import asyncio
 from types import TracebackType
 from typing import Any
 
@@ -28,14 +29,16 @@ class AsyncMnistClient(ClientSettings):
         self,
         target: str,
         credentials: grpc.ChannelCredentials | None,
-        options: list[tuple[str, Any]],
+        options: list[list[tuple[str, Any]]],
     ) -> None:
         if credentials is None:
-            self._channel = grpc.aio.insecure_channel(target, options=options)
+            self._channels = [grpc.aio.insecure_channel(target, options=o) for o in options]
         else:
-            self._channel = grpc.aio.secure_channel(target, credentials, options=options)
-        self._stub = predict_pb2_grpc.MnistServiceStub(self._channel)
-        self._health = health_pb2_grpc.HealthStub(self._channel)
+            self._channels = [
+                grpc.aio.secure_channel(target, credentials, options=o) for o in options
+            ]
+        self._stubs = [predict_pb2_grpc.MnistServiceStub(c) for c in self._channels]
+        self._healths = [health_pb2_grpc.HealthStub(c) for c in self._channels]
 
     async def predict(
         self,
@@ -51,7 +54,7 @@ class AsyncMnistClient(ClientSettings):
             chunk = batch[start : start + self.max_images_per_request]
             request = predict_request(chunk, self.model_name, version)
             try:
-                response = await self._stub.Predict(
+                response = await self._next(self._stubs).Predict(
                     request,
                     timeout=self._timeout(timeout),
                     wait_for_ready=self.wait_for_ready,
@@ -65,7 +68,7 @@ class AsyncMnistClient(ClientSettings):
     async def metadata(self, *, timeout: float | None = None) -> ModelMetadata:
         request = predict_pb2.GetModelMetadataRequest(name=self.model_name)
         try:
-            response = await self._stub.GetModelMetadata(
+            response = await self._next(self._stubs).GetModelMetadata(
                 request,
                 timeout=self._timeout(timeout),
                 wait_for_ready=self.wait_for_ready,
@@ -77,13 +80,15 @@ class AsyncMnistClient(ClientSettings):
     async def health(self, service: str = SERVICE_NAME, *, timeout: float | None = None) -> str:
         request = health_pb2.HealthCheckRequest(service=service)
         try:
-            response = await self._health.Check(request, timeout=self._timeout(timeout))
+            response = await self._next(self._healths).Check(
+                request, timeout=self._timeout(timeout)
+            )
         except grpc.RpcError as error:
             raise from_rpc_error(error) from error
         return status_name(response.status)
 
     async def close(self) -> None:
-        await self._channel.close(grace=None)
+        await asyncio.gather(*(channel.close(grace=None) for channel in self._channels))
 
     async def __aenter__(self) -> AsyncMnistClient:
         return self

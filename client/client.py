@@ -8,12 +8,13 @@ probe reports what it sees.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 import numpy as np
@@ -27,6 +28,7 @@ from .errors import from_rpc_error
 from .metadata import ModelMetadata
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 SERVICE_NAME = "mnist.v1.MnistService"
 DEFAULT_TIMEOUT = 30.0
@@ -88,6 +90,17 @@ def channel_options(
     return options + list(extra)
 
 
+def connection_options(
+    options: list[tuple[str, Any]], connections: int
+) -> list[list[tuple[str, Any]]]:
+    """One option list per channel. Channels to one target with the same options share
+    one TCP connection; a subchannel pool of its own gives each channel its own. Behind a
+    server with several workers, each connection may land on another worker."""
+    if connections == 1:
+        return [options]
+    return [[*options, ("grpc.use_local_subchannel_pool", 1)] for _ in range(connections)]
+
+
 def predict_request(
     batch: npt.NDArray[np.uint8] | npt.NDArray[np.float32], model_name: str, version: int
 ) -> predict_pb2.PredictRequest:
@@ -101,15 +114,21 @@ def status_name(status: int) -> str:
     return str(health_pb2.HealthCheckResponse.ServingStatus.Name(status))
 
 
-def check_settings(timeout: float | None, max_images_per_request: int) -> None:
+def check_settings(timeout: float | None, max_images_per_request: int, connections: int) -> None:
     if timeout is not None and timeout <= 0:
         raise ValueError("timeout must be positive (or None for no deadline)")
     if max_images_per_request < 1:
         raise ValueError("max_images_per_request must be at least 1")
+    if connections < 1:
+        raise ValueError("connections must be at least 1")
 
 
 class ClientSettings:
-    """What both clients take and keep; each opens its own kind of channel in _connect."""
+    """What both clients take and keep; each opens its own kind of channels in _connect.
+
+    `connections` > 1 opens that many channels (TCP connections) and sends the calls
+    round-robin over them: the way to use every worker of a server run with --workers.
+    """
 
     def __init__(
         self,
@@ -122,30 +141,37 @@ class ClientSettings:
         model_name: str = "",
         wait_for_ready: bool = False,
         options: Sequence[tuple[str, Any]] = (),
+        connections: int = 1,
     ) -> None:
-        check_settings(timeout, max_images_per_request)
+        check_settings(timeout, max_images_per_request, connections)
         self.target = target
         self.timeout = timeout
         self.max_images_per_request = max_images_per_request
         self.model_name = model_name
         self.wait_for_ready = wait_for_ready
         opts = channel_options(max_images_per_request, retry, options)
-        self._connect(target, credentials, opts)
+        self._turn = itertools.count()
+        self._connect(target, credentials, connection_options(opts, connections))
 
     def _connect(
         self,
         target: str,
         credentials: grpc.ChannelCredentials | None,
-        options: list[tuple[str, Any]],
+        options: list[list[tuple[str, Any]]],
     ) -> None:
         raise NotImplementedError
+
+    def _next(self, stubs: list[T]) -> T:
+        """The stub of the next connection, round-robin (itertools.count is thread-safe)."""
+        return stubs[next(self._turn) % len(stubs)]
 
     def _timeout(self, timeout: float | None) -> float | None:
         return self.timeout if timeout is None else timeout
 
 
 class MnistClient(ClientSettings):
-    """A blocking client of `mnist.v1.MnistService`; thread-safe, one channel.
+    """A blocking client of `mnist.v1.MnistService`; thread-safe, one channel (or
+    `connections` channels).
 
     `timeout` is each RPC's deadline in seconds, retries included (a big `predict` makes one
     RPC per `max_images_per_request` images). `credentials` (e.g.
@@ -156,14 +182,14 @@ class MnistClient(ClientSettings):
         self,
         target: str,
         credentials: grpc.ChannelCredentials | None,
-        options: list[tuple[str, Any]],
+        options: list[list[tuple[str, Any]]],
     ) -> None:
         if credentials is None:
-            self._channel = grpc.insecure_channel(target, options=options)
+            self._channels = [grpc.insecure_channel(target, options=o) for o in options]
         else:
-            self._channel = grpc.secure_channel(target, credentials, options=options)
-        self._stub = predict_pb2_grpc.MnistServiceStub(self._channel)
-        self._health = health_pb2_grpc.HealthStub(self._channel)
+            self._channels = [grpc.secure_channel(target, credentials, options=o) for o in options]
+        self._stubs = [predict_pb2_grpc.MnistServiceStub(c) for c in self._channels]
+        self._healths = [health_pb2_grpc.HealthStub(c) for c in self._channels]
 
     def predict(
         self,
@@ -184,7 +210,7 @@ class MnistClient(ClientSettings):
             chunk = batch[start : start + self.max_images_per_request]
             request = predict_request(chunk, self.model_name, version)
             try:
-                response = self._stub.Predict(
+                response = self._next(self._stubs).Predict(
                     request,
                     timeout=self._timeout(timeout),
                     wait_for_ready=self.wait_for_ready,
@@ -198,7 +224,7 @@ class MnistClient(ClientSettings):
     def metadata(self, *, timeout: float | None = None) -> ModelMetadata:
         request = predict_pb2.GetModelMetadataRequest(name=self.model_name)
         try:
-            response = self._stub.GetModelMetadata(
+            response = self._next(self._stubs).GetModelMetadata(
                 request, timeout=self._timeout(timeout), wait_for_ready=self.wait_for_ready
             )
         except grpc.RpcError as error:
@@ -210,13 +236,14 @@ class MnistClient(ClientSettings):
         "NOT_SERVING", ... Raises Unavailable when the server cannot be reached."""
         request = health_pb2.HealthCheckRequest(service=service)
         try:
-            response = self._health.Check(request, timeout=self._timeout(timeout))
+            response = self._next(self._healths).Check(request, timeout=self._timeout(timeout))
         except grpc.RpcError as error:
             raise from_rpc_error(error) from error
         return status_name(response.status)
 
     def close(self) -> None:
-        self._channel.close()
+        for channel in self._channels:
+            channel.close()
 
     def __enter__(self) -> MnistClient:
         return self

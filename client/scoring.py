@@ -295,6 +295,7 @@ class JobSettings:
     timeout: float | None = DEFAULT_TIMEOUT
     credentials: grpc.ChannelCredentials | None = None
     retry: RetryPolicy = DEFAULT_RETRY
+    connections: int = 4  # spread over a server's --workers; costs ~nothing against one
     # Consecutive failed batches after which the job stops (the server is likely gone):
     # what was written stays valid and `--resume` goes on from there.
     give_up_after: int = 0  # 0: 2 * concurrency + 2
@@ -321,6 +322,7 @@ def _open_client(settings: JobSettings, batch_size: int) -> AsyncMnistClient:
         timeout=settings.timeout,
         max_images_per_request=batch_size,
         retry=settings.retry,
+        connections=settings.connections,
     )
 
 

@@ -14,6 +14,7 @@ from pydantic_settings import CliApp, SettingsError
 from .errors import StartupError
 from .logs import configure_logging
 from .settings import Settings
+from .workers import WORKER_FLAG, WorkerLink, supervise
 
 logger = logging.getLogger("mnist_serving.server")
 
@@ -33,7 +34,7 @@ def parse_settings(argv: list[str]) -> Settings:
     raise SystemExit(2)
 
 
-async def serve(settings: Settings) -> bool:
+async def serve(settings: Settings, worker: WorkerLink | None = None) -> bool:
     """Run until stopped; True when a model load was still running at the end."""
     logger.info(
         "starting",
@@ -41,7 +42,7 @@ async def serve(settings: Settings) -> bool:
     )
     from .app import ModelServer  # imports TensorFlow: after the settings are known good
 
-    server = ModelServer(settings)
+    server = ModelServer(settings, worker)
     loop = asyncio.get_running_loop()
     starting = loop.create_task(server.start())
     stopping: asyncio.Task[None] | None = None
@@ -65,15 +66,26 @@ async def serve(settings: Settings) -> bool:
 
 
 def main(argv: list[str] | None = None) -> None:
-    settings = parse_settings(sys.argv[1:] if argv is None else argv)
-    configure_logging(settings.log_level)
+    argv = sys.argv[1:] if argv is None else argv
+    worker: WorkerLink | None = None
+    if argv[:1] == [WORKER_FLAG]:
+        worker, settings = WorkerLink.from_command_line(argv[1:])
+        configure_logging(settings.log_level, str(worker.index))
+    else:
+        settings = parse_settings(argv)
+        configure_logging(settings.log_level, "supervisor" if settings.workers > 1 else None)
     if not settings.model_dir.is_dir():
         print(f"mnist-serve: model dir {settings.model_dir} does not exist", file=sys.stderr)
         raise SystemExit(2)
+    if worker is None and settings.workers > 1:
+        raise SystemExit(supervise(settings))
     try:
-        load_abandoned = asyncio.run(serve(settings))
+        load_abandoned = asyncio.run(serve(settings, worker))
     except (StartupError, OSError) as error:
-        logger.error("cannot start", extra={"error": str(error)})
+        if worker is not None:
+            worker.failed(str(error))  # the supervisor reports it, once for every worker
+        else:
+            logger.error("cannot start", extra={"error": str(error)})
         raise SystemExit(1) from None
     if load_abandoned:
         # A SavedModel load cannot be interrupted, and Python joins the loader thread at

@@ -5,19 +5,23 @@ from __future__ import annotations
 import asyncio
 import logging
 from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING
 from wsgiref.simple_server import WSGIServer
 
 import grpc
 from grpc_health.v1 import _async as health_aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from prometheus_client import start_http_server
 
+from . import metrics
 from .api import native
 from .core import InferenceCore
 from .errors import StartupError
 from .settings import Settings
 from .versions import ModelRegistry
+
+if TYPE_CHECKING:
+    from .workers import WorkerLink
 
 logger = logging.getLogger(__name__)
 
@@ -29,10 +33,16 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
 class ModelServer:
-    """One server process: `await start()`, then `await stop()` (or SIGTERM via __main__)."""
+    """One server process: `await start()`, then `await stop()` (or SIGTERM via __main__).
 
-    def __init__(self, settings: Settings) -> None:
+    As one of several workers (`worker` set), it shares the ports with the others and says
+    SERVING only once its supervisor says that every worker is ready; the supervisor serves
+    --metrics-port.
+    """
+
+    def __init__(self, settings: Settings, worker: WorkerLink | None = None) -> None:
         self.settings = settings
+        self.worker = worker
         # One inference thread: TensorFlow already spreads one call over the cores, and
         # serialising calls is what lets the batcher merge the requests that queue meanwhile.
         self._inference = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
@@ -43,7 +53,10 @@ class ModelServer:
             options=[
                 ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-                ("grpc.so_reuseport", 0),
+                # Workers share the port (the kernel spreads connections over them); a lone
+                # server must fail on a port that another server holds.
+                ("grpc.so_reuseport", int(worker is not None)),
+                *_connection_age(settings.max_connection_age),
             ]
         )
         self._metrics_http: WSGIServer | None = None
@@ -78,15 +91,20 @@ class ModelServer:
         self.port = self._grpc.add_insecure_port(address)
         if self.port == 0:
             raise StartupError(f"cannot listen on {address}")
-        self._metrics_http, _ = start_http_server(self.settings.metrics_port, self.settings.host)
-        self.metrics_port = self._metrics_http.server_port
+        if self.worker is None:
+            self._metrics_http = metrics.start_listener(
+                self.settings.metrics_port, self.settings.host
+            )
+            self.metrics_port = self._metrics_http.server_port
         await self._grpc.start()
+        if self.worker is not None:  # waits until every worker is ready
+            await self.worker.serve(self.health, services)
         for service in ("", *services):
             await self.health.set(service, SERVING)
         if self.settings.poll_interval > 0:
             self._poller = asyncio.get_running_loop().create_task(self.registry.poll())
         logger.info(
-            "serving",
+            "serving" if self.worker is None else "worker serving",
             extra={
                 "port": self.port,
                 "metrics_port": self.metrics_port,
@@ -117,3 +135,9 @@ class ModelServer:
 
     async def wait_stopped(self) -> None:
         await self._stopped.wait()
+
+
+def _connection_age(seconds: float) -> list[tuple[str, int]]:
+    """GOAWAY after `seconds` (gRPC adds +-10% jitter): the client reconnects, and the
+    kernel may hand the new connection to another worker. Calls in flight finish first."""
+    return [] if seconds <= 0 else [("grpc.max_connection_age_ms", int(seconds * 1000))]

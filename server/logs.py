@@ -1,6 +1,8 @@
 """One line per event, as logfmt: `ts=... level=info logger=... msg="version loaded" version=2`.
 
-Fields come from `extra=` on the logging call. Configured only by __main__.
+Fields come from `extra=` on the logging call. Configured only by __main__. With several
+workers, every line says which process wrote it: `worker=0`, `worker=1`, ... or
+`worker=supervisor`.
 """
 
 from __future__ import annotations
@@ -21,12 +23,17 @@ def _value(value: Any) -> str:
 
 
 class LogfmtFormatter(logging.Formatter):
+    def __init__(self, worker: str | None = None) -> None:
+        super().__init__()
+        self.worker = worker
+
     def format(self, record: logging.LogRecord) -> str:
         stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
         fields = {
             "ts": f"{stamp}.{int(record.msecs):03d}Z",
             "level": record.levelname.lower(),
             "logger": record.name,
+            **({} if self.worker is None else {"worker": self.worker}),
             "msg": record.getMessage(),
         }
         fields.update({k: v for k, v in record.__dict__.items() if k not in _STANDARD})
@@ -35,7 +42,7 @@ class LogfmtFormatter(logging.Formatter):
         return " ".join(f"{key}={_value(value)}" for key, value in fields.items())
 
 
-def configure_logging(level: str) -> None:
+def configure_logging(level: str, worker: str | None = None) -> None:
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(LogfmtFormatter())
+    handler.setFormatter(LogfmtFormatter(worker))
     logging.basicConfig(level=level.upper(), handlers=[handler], force=True)

@@ -1,13 +1,39 @@
 """Every Prometheus object of the server, in one place.
 
 Names follow <namespace>_<what>_<unit>; labels stay low-cardinality (API, method, status
-code, version, class digit). Served on their own port by app.py.
+code, version, class digit). Whoever serves /metrics serves `exposition()`.
+
+With several workers (server/workers.py) every process writes its values to files in
+PROMETHEUS_MULTIPROC_DIR, which the supervisor makes fresh before it starts any worker, and
+one page shows the whole server: counters and histograms are summed over the workers (a
+dead worker's counts stay in the sums, so they never go backwards), and each gauge says
+how it combines the live workers' values in its `multiprocess_mode`: "livesum" (a total
+over the server) or "livemax" (true of at least one worker). A worker's gauges leave the
+page when it dies.
 """
 
 from __future__ import annotations
 
+import os
+import socket
+import threading
+from collections.abc import Iterable, Iterator
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
 import numpy as np
-from prometheus_client import Counter, Gauge, Histogram, disable_created_metrics
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
+from prometheus_client.exposition import ThreadingWSGIServer
+from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
 NAMESPACE = "mnist"
 # The *_created series double what an operator scrapes and graph nothing useful here.
@@ -31,12 +57,18 @@ UNDECODABLE = Counter(
     "undecodable_requests", "Requests whose bytes were not a message of the method's type.",
     ["api", "method"], namespace=NAMESPACE,
 )  # fmt: skip
-IN_FLIGHT = Gauge("requests_in_flight", "RPCs being handled right now.", namespace=NAMESPACE)
+IN_FLIGHT = Gauge(
+    "requests_in_flight", "RPCs being handled right now.",
+    namespace=NAMESPACE, multiprocess_mode="livesum",
+)  # fmt: skip
 QUEUE_WAIT = Histogram(
     "batch_queue_wait_seconds", "Time a request waited in the batch queue.",
     namespace=NAMESPACE, buckets=LATENCY_BUCKETS,
 )  # fmt: skip
-QUEUE_DEPTH = Gauge("batch_queue_depth", "Images waiting in the batch queue.", namespace=NAMESPACE)
+QUEUE_DEPTH = Gauge(
+    "batch_queue_depth", "Images waiting in the batch queues.",
+    namespace=NAMESPACE, multiprocess_mode="livesum",
+)  # fmt: skip
 REQUESTS_SHED = Counter(
     "requests_shed", "Requests refused because the batch queue was full.", namespace=NAMESPACE
 )
@@ -60,16 +92,40 @@ PREDICTED_CLASS = Counter(
     "predicted_class", "Predictions per class, to watch for drift.", ["class"],
     namespace=NAMESPACE,
 )  # fmt: skip
-MODEL_VERSION = Gauge(
-    "model_version_info", "1 for each loaded model version.", ["name", "version"],
-    namespace=NAMESPACE,
+
+
+class SeriesGauge(Gauge):  # type: ignore[misc]
+    """A gauge whose series come and go (one per loaded version), in every process.
+
+    In multiprocess mode prometheus_client's remove() only forgets the series in the
+    calling process (with a warning): its value stays in the process's file, so the page
+    would show an unloaded version for ever. Here it is set to 0 first, and exposition()
+    leaves zeros of these gauges off the page; their real values are never 0.
+    """
+
+    def remove(self, *labelvalues: Any) -> None:
+        if not multiprocess_dir():
+            super().remove(*labelvalues)
+            return
+        self.labels(*labelvalues).set(0)
+        with self._lock:
+            self._metrics.pop(tuple(str(value) for value in labelvalues), None)
+
+
+MODEL_VERSION = SeriesGauge(
+    "model_version_info", "1 for each loaded model version (served by at least one worker).",
+    ["name", "version"], namespace=NAMESPACE, multiprocess_mode="livemax",
 )  # fmt: skip
-MODEL_LOAD_SECONDS = Gauge(
-    "model_load_seconds", "Time it took to load and warm up a version.", ["version"],
-    namespace=NAMESPACE,
+MODEL_LOAD_SECONDS = SeriesGauge(
+    "model_load_seconds", "Time it took to load and warm up a version (the slowest worker's).",
+    ["version"], namespace=NAMESPACE, multiprocess_mode="livemax",
 )  # fmt: skip
 MODEL_LOAD_FAILURES = Counter(
     "model_load_failures", "Model versions that failed to load.", namespace=NAMESPACE
+)
+
+WORKER_RESTARTS = Counter(
+    "worker_restarts", "Worker processes started again after one died.", namespace=NAMESPACE
 )
 
 _CLASS_LABELS = [str(digit) for digit in range(10)]
@@ -80,3 +136,66 @@ def count_classes(classes: np.ndarray) -> None:
     for child, count in zip(_CLASS_CHILDREN, np.bincount(classes, minlength=10), strict=False):
         if count:
             child.inc(int(count))
+
+
+def multiprocess_dir() -> str | None:
+    """Where the processes of a multi-worker server write their values; None in a lone one."""
+    return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
+
+
+class _WholeServer:
+    """Every process's values from the multiprocess files, minus removed series."""
+
+    def __init__(self, path: str) -> None:
+        self._files = MultiProcessCollector(None, path)
+        self._series_gauges = {gauge._name for gauge in (MODEL_VERSION, MODEL_LOAD_SECONDS)}
+
+    def collect(self) -> Iterator[Any]:
+        for family in self._files.collect():
+            if family.name in self._series_gauges:
+                family.samples = [s for s in family.samples if s.value != 0]
+                if not family.samples:
+                    continue
+            yield family
+
+
+def exposition() -> tuple[bytes, str]:
+    """The /metrics page and its content type: this process's metrics, or the whole
+    server's when it runs several workers."""
+    path = multiprocess_dir()
+    if path is None:
+        return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_WholeServer(path))
+    return generate_latest(registry), CONTENT_TYPE_LATEST
+
+
+def process_gone(pid: int) -> None:
+    """Take a dead worker's gauges off the page (its counts stay in the sums)."""
+    if multiprocess_dir():
+        mark_process_dead(pid)
+
+
+class _Quiet(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        pass  # one line per scrape would drown the server's own log
+
+
+def _app(environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
+    body, content_type = exposition()
+    start_response("200 OK", [("Content-Type", content_type), ("Content-Length", str(len(body)))])
+    return [body]
+
+
+def start_listener(port: int, host: str) -> WSGIServer:
+    """Serve exposition() on host:port (any path) from a daemon thread; port 0 picks one."""
+    family = socket.getaddrinfo(
+        host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )[0][0]
+
+    class Server(ThreadingWSGIServer):  # type: ignore[misc]
+        address_family = family
+
+    server = make_server(host, port, _app, Server, handler_class=_Quiet)
+    threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
+    return server

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -61,10 +61,38 @@ class Settings(BaseSettings):
     grace_period: float = Field(
         10.0, ge=0, description="seconds in-flight calls get to finish on SIGTERM"
     )
+    # 1 by default: one copy of the model in memory (~740 MB with TensorFlow), and on the
+    # 2-core machines measured so far a second worker competes with the clients for the
+    # same cores (1.1-1.3x). Raise it where bench/workers.py shows the gain.
+    workers: int = Field(
+        1,
+        ge=1,
+        le=256,
+        description="N or auto: server processes sharing the ports, restarted when they die; "
+        "auto is one per CPU this process may use (affinity mask, cgroup quota). Each "
+        "loads the model",
+    )
+    # Long enough that reconnecting costs nothing (one handshake per connection per 5
+    # minutes), short enough that connections rebalance within minutes of a restart.
+    max_connection_age: float = Field(
+        300.0,
+        ge=0,
+        description="seconds after which a client connection is asked to reconnect, so that "
+        "long-lived clients spread over the workers again (0: never)",
+    )
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     verbose_tensorflow: bool = Field(
         False, description="let TensorFlow print its start-up logs (CUDA, oneDNN)"
     )
+
+    @field_validator("workers", mode="before")
+    @classmethod
+    def _auto_workers(cls, value: object) -> object:
+        if isinstance(value, str) and value.strip().lower() == "auto":
+            from .workers import usable_cpus
+
+            return usable_cpus()
+        return value
 
     @model_validator(mode="after")
     def _check(self) -> Settings:
