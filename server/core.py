@@ -1,4 +1,5 @@
-"""What both APIs (native and TensorFlow Serving) call: decode, validate, route, predict.
+"""What every API (native, TensorFlow Serving, Open Inference) calls: decode, validate,
+route, predict.
 
 Knows no proto: servicers translate their messages into these arguments and back.
 """
@@ -37,6 +38,9 @@ class InferenceCore:
     def __init__(self, registry: ModelRegistry, settings: Settings) -> None:
         self.registry = registry
         self.settings = settings
+        # Whether the server takes inference requests: app.py sets it once serving and
+        # clears it at shutdown; the readiness answers of every API follow it.
+        self.ready = False
 
     @property
     def model_name(self) -> str:

@@ -1,13 +1,25 @@
 """Every Prometheus object of the server, in one place.
 
 Names follow <namespace>_<what>_<unit>; labels stay low-cardinality (API, method, status
-code, version, class digit). Served on their own port by app.py.
+code, version, class digit). Served at /metrics on the HTTP port (and, when asked, on a
+port of their own) through exposition().
+
+HTTP calls are counted like RPCs: `method` is the equivalent RPC's name (Predict,
+ModelInfer...) and `code` the gRPC status name their HTTP status stands for (OK,
+INVALID_ARGUMENT...), so that one error-ratio query covers every API.
 """
 
 from __future__ import annotations
 
 import numpy as np
-from prometheus_client import Counter, Gauge, Histogram, disable_created_metrics
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
 
 NAMESPACE = "mnist"
 # The *_created series double what an operator scrapes and graph nothing useful here.
@@ -20,7 +32,7 @@ LATENCY_BUCKETS = (
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 
 REQUESTS = Counter(
-    "requests", "RPCs handled, by API, method and gRPC status code.",
+    "requests", "Calls handled (RPCs and HTTP), by API, method and gRPC status code.",
     ["api", "method", "code"], namespace=NAMESPACE,
 )  # fmt: skip
 REQUEST_SECONDS = Histogram(
@@ -80,3 +92,8 @@ def count_classes(classes: np.ndarray) -> None:
     for child, count in zip(_CLASS_CHILDREN, np.bincount(classes, minlength=10), strict=False):
         if count:
             child.inc(int(count))
+
+
+def exposition() -> tuple[bytes, str]:
+    """The /metrics page: its body and content type."""
+    return generate_latest(), CONTENT_TYPE_LATEST

@@ -58,7 +58,7 @@ def test_settings_also_come_from_the_environment(tmp_path: Path) -> None:
 
 
 def test_a_model_dir_without_versions_is_a_clear_error(tmp_path: Path) -> None:
-    result = run_serve("--model-dir", str(tmp_path), "--port", "0", "--metrics-port", "0")
+    result = run_serve("--model-dir", str(tmp_path), "--port", "0", "--http-port", "0")
     assert result.returncode == 1
     assert "no loadable model version" in result.stderr
     assert "Traceback" not in result.stderr
