@@ -54,9 +54,15 @@ class ModelServer:
         self._stopped = asyncio.Event()
 
     async def start(self) -> None:
-        """Load the model, then open the ports; health says SERVING only once ready."""
+        """Load the model, then open the ports; health says SERVING only once ready.
+
+        The HTTP port opens first: during a long first load /v2/health/live answers and
+        /v2/health/ready says 503.
+        """
         for service in ("", NATIVE_SERVICE):
             await self.health.set(service, NOT_SERVING)
+        self.http_port = await self._http.start(self.settings.host, self.settings.http_port)
+        logger.info("http listening", extra={"http_port": self.http_port})
         await self.registry.refresh()
         if not self.registry.served:
             raise StartupError(
@@ -77,7 +83,6 @@ class ModelServer:
         self.port = self._grpc.add_insecure_port(address)
         if self.port == 0:
             raise StartupError(f"cannot listen on {address}")
-        self.http_port = await self._http.start(self.settings.host, self.settings.http_port)
         if self.settings.metrics_port is not None:
             self._metrics_http = http.HttpListener(http.metrics_application(), 0)
             self.metrics_port = await self._metrics_http.start(

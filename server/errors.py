@@ -38,6 +38,10 @@ class ShuttingDown(ServingError):
     pass
 
 
+class NotReady(ServingError):
+    """No model version is loaded yet (the first load is still running)."""
+
+
 class NotImplementedHere(ServingError):
     """A method of a served API that this server does not implement."""
 
@@ -52,6 +56,7 @@ STATUS_OF: dict[type[ServingError], grpc.StatusCode] = {
     Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
     DeadlineExpired: grpc.StatusCode.DEADLINE_EXCEEDED,
     ShuttingDown: grpc.StatusCode.UNAVAILABLE,
+    NotReady: grpc.StatusCode.UNAVAILABLE,
     NotImplementedHere: grpc.StatusCode.UNIMPLEMENTED,
     RequestTooLarge: grpc.StatusCode.RESOURCE_EXHAUSTED,
 }
@@ -63,6 +68,7 @@ HTTP_STATUS_OF: dict[type[ServingError], int] = {
     Overloaded: 429,
     DeadlineExpired: 504,
     ShuttingDown: 503,
+    NotReady: 503,
     NotImplementedHere: 501,
     RequestTooLarge: 413,
 }

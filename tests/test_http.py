@@ -6,13 +6,18 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
+import shutil
 import socket
+import subprocess
+import sys
 import threading
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import grpc
@@ -457,3 +462,41 @@ def test_a_full_queue_is_429_and_sigterm_drains_http(tiny_model_dir: Path) -> No
     finally:
         if server.process.poll() is None:
             server.stop()
+
+
+def test_during_the_first_load_live_is_200_and_ready_is_503(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    # The first version's saved_model.pb is a FIFO nobody writes to: its load hangs.
+    model_dir = tmp_path / "mnist"
+    shutil.copytree(tiny_model_dir / "1", model_dir / "1")
+    (model_dir / "1" / "saved_model.pb").unlink()
+    os.mkfifo(model_dir / "1" / "saved_model.pb")
+    process = subprocess.Popen(
+        [
+            sys.executable, "-m", "mnist_serving.server", "--model-dir", str(model_dir),
+            "--host", "127.0.0.1", "--port", "0", "--http-port", "0",
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    try:
+        assert process.stderr is not None
+        port = 0
+        for line in process.stderr:
+            if ' msg="http listening" ' in line:
+                port = int(line.rsplit("http_port=", 1)[1].split()[0])
+            if 'msg="loading version"' in line:
+                break
+        assert port, "the server never said where HTTP listens"
+        base = SimpleNamespace(http_url=f"http://127.0.0.1:{port}")
+        server: Any = base
+        assert call_json(server, "/v2/health/live") == (200, {"live": True})
+        assert call_json(server, "/v2/health/ready") == (503, {"ready": False})
+        status, answer = call_json(server, "/v2/models/mnist/infer", {"inputs": [V2_INPUT]})
+        assert status == 503, answer
+        assert "still loading" in answer["error"]
+        assert call(server, "/metrics")[0] == 200
+    finally:
+        process.terminate()
+        assert process.wait(30) == 0
