@@ -247,6 +247,7 @@ V2_INPUT = {
 BAD = [
     ("/v1/models/mnist:predict", b"{not json", {}, 400, "not valid JSON"),
     ("/v1/models/mnist:predict", b"[1, 2]", {}, 400, "JSON object"),
+    (PREDICT, b'{"instances": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", {}, 400, "deeply"),
     ("/v1/models/mnist:predict", {"instances": [[1, 2, 3]]}, {}, 400, "shape"),
     ("/v1/models/mnist:predict", {"instances": [[["a"] * 28] * 28]}, {}, 400, "numbers"),
     (PREDICT, {"instances": [[[1] * 28] * 27, [[1] * 28] * 28]}, {}, 400, "rectangular"),

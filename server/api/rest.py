@@ -9,6 +9,7 @@ with the equivalent RPC's name and the gRPC code name of the outcome.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import time
@@ -39,6 +40,9 @@ def counted(api: str, method: str, impl: Handler) -> Handler:
         metrics.IN_FLIGHT.inc()
         try:
             return await impl(request)
+        except asyncio.CancelledError:
+            code = grpc.StatusCode.CANCELLED
+            raise
         except Exception as error:
             status, code, message = http_status_of(error)
             return error_response(status, message)
@@ -74,8 +78,10 @@ async def read_body(request: web.Request) -> bytes:
 def parse_json(text: bytes | str, what: str = "the request body") -> dict[str, Any]:
     try:
         body = json.loads(text)
-    except (ValueError, UnicodeDecodeError) as error:
+    except ValueError as error:  # UnicodeDecodeError included
         raise InvalidInput(f"{what} is not valid JSON: {error}") from None
+    except RecursionError:
+        raise InvalidInput(f"{what} nests too deeply to be an image batch") from None
     if not isinstance(body, dict):
         raise InvalidInput(f"{what} must be a JSON object, got {type(body).__name__}")
     return body
