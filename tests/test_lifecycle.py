@@ -40,6 +40,9 @@ def run_serve(*args: str, env: dict[str, str] | None = None) -> subprocess.Compl
         (["--version-policy", "newest"], "version-policy"),
         (["--version-policy", "specific"], "needs --versions"),
         (["--no-such-flag"], "unrecognized"),
+        (["--port", "9000", "--http-port", "9000"], "must differ"),
+        (["--http-port", "8600", "--metrics-port", "8600"], "must differ"),
+        (["--http-port", "-1"], "--http-port"),
     ],
 )
 def test_a_bad_setting_stops_start_up_with_exit_code_2(args: list[str], words: str) -> None:
