@@ -2,7 +2,7 @@
 
 `make demo` runs this. Steps, each printed as it happens:
 1. `mnist-train` into --model-dir unless a version is already there;
-2. `mnist-serve` on --port / --metrics-port, waiting for health SERVING;
+2. `mnist-serve` on --port / --http-port, waiting for health SERVING;
 3. `mnist-client score` of the MNIST test set through the server (accuracy, images/s);
 4. a look at the server's metrics, then a clean stop (SIGTERM, exit code 0).
 """
@@ -33,7 +33,7 @@ def main() -> int:
     parser.add_argument("--model-dir", type=Path, default=Path("models/mnist"))
     parser.add_argument("--data", default=os.environ.get("MNIST_PATH"), help="MNIST npz or IDX")
     parser.add_argument("--port", default="8500")
-    parser.add_argument("--metrics-port", default="8501")
+    parser.add_argument("--http-port", default="8501")
     parser.add_argument("--output", type=Path, default=Path("out/scores.csv"))
     args = parser.parse_args()
     data = ["--data", args.data] if args.data else []
@@ -55,13 +55,13 @@ def main() -> int:
             check=True,
         )
 
-    step(f"serving {args.model_dir} on :{args.port} (metrics :{args.metrics_port})")
+    step(f"serving {args.model_dir} on :{args.port} (HTTP and metrics :{args.http_port})")
     with ServerProcess(
         args.model_dir,
         "--port",
         args.port,
-        "--metrics-port",
-        args.metrics_port,
+        "--http-port",
+        args.http_port,
         "--poll-interval",
         "0",
         host="127.0.0.1",

@@ -1,4 +1,5 @@
-"""Build and run the grpc.aio server: services, health, reflection, metrics port, shutdown."""
+"""Build and run the server: the grpc.aio server (services, health, reflection), the HTTP
+port on the same event loop (REST APIs, /metrics), shutdown."""
 
 from __future__ import annotations
 
@@ -6,15 +7,12 @@ import asyncio
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
-from wsgiref.simple_server import WSGIServer
 
 import grpc
 from grpc_health.v1 import _async as health_aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
-from . import metrics
-from .api import native
+from .api import http, native, reflection, v2
 from .core import InferenceCore
 from .errors import StartupError
 from .settings import Settings
@@ -37,7 +35,7 @@ class ModelServer:
 
     As one of several workers (`worker` set), it shares the ports with the others and says
     SERVING only once its supervisor says that every worker is ready; the supervisor serves
-    --metrics-port.
+    --metrics-port (/metrics on the HTTP port shows the whole server from any worker).
     """
 
     def __init__(self, settings: Settings, worker: WorkerLink | None = None) -> None:
@@ -59,16 +57,27 @@ class ModelServer:
                 *_connection_age(settings.max_connection_age),
             ]
         )
-        self._metrics_http: WSGIServer | None = None
+        self._http = http.HttpListener(
+            http.application(self.core, MAX_MESSAGE_BYTES),
+            settings.grace_period,
+            reuse_port=worker is not None,
+        )
+        self._metrics_http: http.HttpListener | None = None
         self._poller: asyncio.Task[None] | None = None
-        self.port = 0
-        self.metrics_port = 0
+        self.port = self.http_port = 0
+        self.metrics_port: int | None = None
         self._stopped = asyncio.Event()
 
     async def start(self) -> None:
-        """Load the model, then open the ports; health says SERVING only once ready."""
+        """Load the model, then open the ports; health says SERVING only once ready.
+
+        The HTTP port opens first: during a long first load /v2/health/live answers and
+        /v2/health/ready says 503.
+        """
         for service in ("", NATIVE_SERVICE):
             await self.health.set(service, NOT_SERVING)
+        self.http_port = await self._http.start(self.settings.host, self.settings.http_port)
+        logger.info("http listening", extra={"http_port": self.http_port})
         await self.registry.refresh()
         if not self.registry.served:
             raise StartupError(
@@ -79,35 +88,35 @@ class ModelServer:
         # package, which load_model has imported by now (quietly unless --verbose-tensorflow).
         from .api import tfserving
 
-        services = (NATIVE_SERVICE, *tfserving.SERVICE_NAMES)
+        services = (NATIVE_SERVICE, *tfserving.SERVICE_NAMES, v2.SERVICE.full_name)
         self._grpc.add_generic_rpc_handlers(
-            (*native.handlers(self.core), *tfserving.handlers(self.core))
+            (*native.handlers(self.core), *tfserving.handlers(self.core), *v2.handlers(self.core))
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
-        reflection.enable_server_reflection(
-            (*services, health.SERVICE_NAME, reflection.SERVICE_NAME), self._grpc
-        )
+        reflection.enable((*services, health.SERVICE_NAME), self._grpc)
         address = f"{self.settings.host}:{self.settings.port}"
         self.port = self._grpc.add_insecure_port(address)
         if self.port == 0:
             raise StartupError(f"cannot listen on {address}")
-        if self.worker is None:
-            self._metrics_http = metrics.start_listener(
-                self.settings.metrics_port, self.settings.host
+        if self.settings.metrics_port is not None and self.worker is None:
+            self._metrics_http = http.HttpListener(http.metrics_application(), 0)
+            self.metrics_port = await self._metrics_http.start(
+                self.settings.host, self.settings.metrics_port
             )
-            self.metrics_port = self._metrics_http.server_port
         await self._grpc.start()
         if self.worker is not None:  # waits until every worker is ready
             await self.worker.serve(self.health, services)
         for service in ("", *services):
             await self.health.set(service, SERVING)
+        self.core.ready = True
         if self.settings.poll_interval > 0:
             self._poller = asyncio.get_running_loop().create_task(self.registry.poll())
         logger.info(
             "serving" if self.worker is None else "worker serving",
             extra={
                 "port": self.port,
-                "metrics_port": self.metrics_port,
+                "http_port": self.http_port,
+                **({} if self.metrics_port is None else {"metrics_port": self.metrics_port}),
                 "model": self.settings.model_name,
                 "versions": [s.version for s in self.registry.served],
                 "batching": self.settings.batching,
@@ -120,15 +129,15 @@ class ModelServer:
             return
         grace = self.settings.grace_period if grace is None else grace
         logger.info("shutting down", extra={"grace_seconds": grace})
+        self.core.ready = False
         await self.health.enter_graceful_shutdown()
         if self._poller is not None:
             self._poller.cancel()  # also abandons a load in progress: see registry.loading
             await asyncio.gather(self._poller, return_exceptions=True)
-        await self._grpc.stop(grace)
+        await asyncio.gather(self._grpc.stop(grace), self._http.stop())
         await self.registry.close()
         if self._metrics_http is not None:
-            self._metrics_http.shutdown()
-            self._metrics_http.server_close()
+            await self._metrics_http.stop()
         self._inference.shutdown(wait=False)
         self._stopped.set()
         logger.info("stopped")

@@ -1,4 +1,5 @@
-"""What both APIs (native and TensorFlow Serving) call: decode, validate, route, predict.
+"""What every API (native, TensorFlow Serving, Open Inference) calls: decode, validate,
+route, predict.
 
 Knows no proto: servicers translate their messages into these arguments and back.
 """
@@ -10,6 +11,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from .errors import NotReady
 from .runtimes import NUM_CLASSES, Prediction
 from .settings import Settings
 from .validation import decode_images
@@ -37,6 +39,9 @@ class InferenceCore:
     def __init__(self, registry: ModelRegistry, settings: Settings) -> None:
         self.registry = registry
         self.settings = settings
+        # Whether the server takes inference requests: app.py sets it once serving and
+        # clears it at shutdown; the readiness answers of every API follow it.
+        self.ready = False
 
     @property
     def model_name(self) -> str:
@@ -54,6 +59,8 @@ class InferenceCore:
     ) -> Answer:
         """Classify the images in `content`; time_remaining is the caller's deadline budget."""
         deadline = None if time_remaining is None else time.monotonic() + time_remaining
+        if not self.registry.served:
+            raise NotReady("the model is still loading; retry shortly")
         served = self.registry.resolve(model_name, version)
         images = decode_images(dtype, shape, content, self.settings.max_images_per_request)
         prediction = await served.predict(images, deadline)
@@ -61,7 +68,8 @@ class InferenceCore:
 
     def versions(self, model_name: str = "") -> list[VersionReport]:
         """Loaded versions, newest first, with the training report of each."""
-        self.registry.resolve(model_name, 0)  # NOT_FOUND for another model's name
+        if model_name and model_name != self.registry.name:
+            self.registry.resolve(model_name, 0)  # NOT_FOUND, with the registry's message
         return [
             VersionReport(s.version, s.model.report, s.model.signature_defs)
             for s in self.registry.served

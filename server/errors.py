@@ -1,8 +1,8 @@
-"""Domain errors and the one table that maps them to gRPC status codes.
+"""Domain errors and the two tables that map them to gRPC status codes and HTTP statuses.
 
-Servicers raise these (or let unknown exceptions escape); api/rpc.py turns them into a
-status for the caller. Unknown errors become INTERNAL with a generic message; their stack
-trace goes to the log, never to the client.
+Servicers and HTTP handlers raise these (or let unknown exceptions escape); api/rpc.py and
+api/http.py turn them into a status for the caller. Unknown errors become INTERNAL (HTTP
+500) with a generic message; their stack trace goes to the log, never to the client.
 """
 
 from __future__ import annotations
@@ -38,8 +38,16 @@ class ShuttingDown(ServingError):
     pass
 
 
+class NotReady(ServingError):
+    """No model version is loaded yet (the first load is still running)."""
+
+
 class NotImplementedHere(ServingError):
     """A method of a served API that this server does not implement."""
+
+
+class RequestTooLarge(ServingError):
+    """An HTTP request body beyond the size limit (gRPC refuses such messages itself)."""
 
 
 STATUS_OF: dict[type[ServingError], grpc.StatusCode] = {
@@ -48,8 +56,23 @@ STATUS_OF: dict[type[ServingError], grpc.StatusCode] = {
     Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
     DeadlineExpired: grpc.StatusCode.DEADLINE_EXCEEDED,
     ShuttingDown: grpc.StatusCode.UNAVAILABLE,
+    NotReady: grpc.StatusCode.UNAVAILABLE,
     NotImplementedHere: grpc.StatusCode.UNIMPLEMENTED,
+    RequestTooLarge: grpc.StatusCode.RESOURCE_EXHAUSTED,
 }
+# The statuses TensorFlow Serving's REST API gives the same gRPC codes (KServe's agree):
+# a full queue is 429 (retry later, here), a draining server 503 (retry elsewhere).
+HTTP_STATUS_OF: dict[type[ServingError], int] = {
+    InvalidInput: 400,
+    ModelNotFound: 404,
+    Overloaded: 429,
+    DeadlineExpired: 504,
+    ShuttingDown: 503,
+    NotReady: 503,
+    NotImplementedHere: 501,
+    RequestTooLarge: 413,
+}
+INTERNAL_MESSAGE = "internal error; the server log has the details"
 
 
 def status_of(error: BaseException) -> tuple[grpc.StatusCode, str]:
@@ -58,7 +81,16 @@ def status_of(error: BaseException) -> tuple[grpc.StatusCode, str]:
         if isinstance(error, kind):
             return code, str(error)
     logger.error("unexpected error while serving a call", exc_info=error)
-    return grpc.StatusCode.INTERNAL, "internal error; the server log has the details"
+    return grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE
+
+
+def http_status_of(error: BaseException) -> tuple[int, grpc.StatusCode, str]:
+    """The HTTP status, its gRPC equivalent (for the metrics) and message for `error`."""
+    code, message = status_of(error)
+    for kind, status in HTTP_STATUS_OF.items():
+        if isinstance(error, kind):
+            return status, code, message
+    return 500, code, message
 
 
 class StartupError(RuntimeError):

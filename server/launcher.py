@@ -1,6 +1,6 @@
 """Run mnist-serve as a child process and wait until it serves: for the demo, the
 benchmarks and the tests. Ports default to 0 (free ones); the real ones are read from the
-server's "serving" log line.
+server's "serving" log line. /metrics is on the HTTP port unless --metrics-port is given.
 """
 
 from __future__ import annotations
@@ -29,13 +29,13 @@ class ServerProcess:
         command = [
             sys.executable, "-m", "mnist_serving.server",
             "--model-dir", str(model_dir), "--host", host,
-            "--port", "0", "--metrics-port", "0", *args,
+            "--port", "0", "--http-port", "0", *args,
         ]  # fmt: skip
         self.process = subprocess.Popen(
             command, stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})}
         )
         self.log_lines: list[str] = []
-        self.port = self.metrics_port = 0
+        self.port = self.http_port = self.metrics_port = 0
         self._started = threading.Event()
         self._reader = threading.Thread(target=self._read_log, daemon=True)
         self._reader.start()
@@ -50,13 +50,18 @@ class ServerProcess:
             self.log_lines.append(line)
             if not self.port and " msg=serving " in line:
                 fields = dict(f.split("=", 1) for f in line.split() if "=" in f)
-                self.port, self.metrics_port = int(fields["port"]), int(fields["metrics_port"])
+                self.port, self.http_port = int(fields["port"]), int(fields["http_port"])
+                self.metrics_port = int(fields.get("metrics_port", self.http_port))
                 self._started.set()
         self._started.set()  # exited: the constructor sees port 0 and reports the log
 
     @property
     def target(self) -> str:
         return f"{self.host}:{self.port}"
+
+    @property
+    def http_url(self) -> str:
+        return f"http://{self.host}:{self.http_port}"
 
     @property
     def metrics_url(self) -> str:

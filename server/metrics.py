@@ -1,7 +1,12 @@
 """Every Prometheus object of the server, in one place.
 
 Names follow <namespace>_<what>_<unit>; labels stay low-cardinality (API, method, status
-code, version, class digit). Whoever serves /metrics serves `exposition()`.
+code, version, class digit). Served at /metrics on the HTTP port (and, when asked, on a
+port of their own) through exposition().
+
+HTTP calls are counted like RPCs: `method` is the equivalent RPC's name (Predict,
+ModelInfer...) and `code` the gRPC status name their HTTP status stands for (OK,
+INVALID_ARGUMENT...), so that one error-ratio query covers every API.
 
 With several workers (server/workers.py) every process writes its values to files in
 PROMETHEUS_MULTIPROC_DIR, which the supervisor makes fresh before it starts any worker, and
@@ -15,11 +20,8 @@ page when it dies.
 from __future__ import annotations
 
 import os
-import socket
-import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from typing import Any
-from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import numpy as np
 from prometheus_client import (
@@ -32,7 +34,6 @@ from prometheus_client import (
     disable_created_metrics,
     generate_latest,
 )
-from prometheus_client.exposition import ThreadingWSGIServer
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
 NAMESPACE = "mnist"
@@ -46,7 +47,7 @@ LATENCY_BUCKETS = (
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 
 REQUESTS = Counter(
-    "requests", "RPCs handled, by API, method and gRPC status code.",
+    "requests", "Calls handled (RPCs and HTTP), by API, method and gRPC status code.",
     ["api", "method", "code"], namespace=NAMESPACE,
 )  # fmt: skip
 REQUEST_SECONDS = Histogram(
@@ -174,28 +175,3 @@ def process_gone(pid: int) -> None:
     """Take a dead worker's gauges off the page (its counts stay in the sums)."""
     if multiprocess_dir():
         mark_process_dead(pid)
-
-
-class _Quiet(WSGIRequestHandler):
-    def log_message(self, format: str, *args: Any) -> None:
-        pass  # one line per scrape would drown the server's own log
-
-
-def _app(environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
-    body, content_type = exposition()
-    start_response("200 OK", [("Content-Type", content_type), ("Content-Length", str(len(body)))])
-    return [body]
-
-
-def start_listener(port: int, host: str) -> WSGIServer:
-    """Serve exposition() on host:port (any path) from a daemon thread; port 0 picks one."""
-    family = socket.getaddrinfo(
-        host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-    )[0][0]
-
-    class Server(ThreadingWSGIServer):  # type: ignore[misc]
-        address_family = family
-
-    server = make_server(host, port, _app, Server, handler_class=_Quiet)
-    threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
-    return server

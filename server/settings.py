@@ -14,8 +14,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
 class Settings(BaseSettings):
-    """Serve the MNIST SavedModel over gRPC. Every flag is also an environment variable:
-    --model-dir is MNIST_SERVING_MODEL_DIR, and so on."""
+    """Serve the MNIST SavedModel over gRPC and HTTP. Every flag is also an environment
+    variable: --model-dir is MNIST_SERVING_MODEL_DIR, and so on."""
 
     model_config = SettingsConfigDict(
         env_prefix="MNIST_SERVING_",
@@ -32,8 +32,19 @@ class Settings(BaseSettings):
     model_name: str = Field("mnist", min_length=1, description="the name requests address")
     host: str = Field("0.0.0.0", description="address to listen on")
     port: int = Field(8500, ge=0, le=65535, description="gRPC port (0 picks a free one)")
-    metrics_port: int = Field(
-        8501, ge=0, le=65535, description="Prometheus /metrics port (0 picks a free one)"
+    http_port: int = Field(
+        8501,
+        ge=0,
+        le=65535,
+        description="HTTP port: TF Serving REST (/v1), KServe v2 REST (/v2) and /metrics "
+        "(0 picks a free one)",
+    )
+    metrics_port: int | None = Field(
+        None,
+        ge=0,
+        le=65535,
+        description="also serve /metrics on a port of its own (off by default: /metrics is "
+        "on the HTTP port)",
     )
     max_images_per_request: int = Field(
         4096, ge=1, le=65536, description="largest batch one request may carry"
@@ -96,6 +107,9 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _check(self) -> Settings:
+        ports = [p for p in (self.port, self.http_port, self.metrics_port) if p]
+        if len(ports) != len(set(ports)):
+            raise ValueError("--port, --http-port and --metrics-port must differ")
         if self.max_batch_size > self.max_queued_images:
             raise ValueError("max_batch_size must not exceed max_queued_images")
         if self.version_policy == "specific" and not self.versions:

@@ -54,7 +54,7 @@ SETTINGS_ENV = "MNIST_WORKER_SETTINGS"
 # a health check on a connection tells which worker that connection reached.
 WORKER_HEALTH_PREFIX = "mnist_serving.worker."
 # The ports every worker serves; settings with port 0 get one picked here, shared by all.
-SHARED_PORTS = ("port",)
+SHARED_PORTS = ("port", "http_port")
 FIRST_BACKOFF = 0.5  # seconds before the first restart of a worker that died
 MAX_BACKOFF = 30.0
 BACKOFF_RESET = 60.0  # a worker that lived this long restarts after FIRST_BACKOFF again
@@ -239,7 +239,10 @@ class Supervisor:
         self._bad_exits: list[str] = []
 
     async def run(self) -> int:
-        from . import metrics  # after supervise() set the multiprocess dir
+        # After supervise() set the multiprocess dir: metrics objects are made at import.
+        from .api.http import HttpListener, metrics_application
+
+        listener: HttpListener | None = None
 
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
@@ -250,7 +253,11 @@ class Supervisor:
                 self._held.append(reserve_port(self.settings.host, getattr(self.settings, name)))
                 shared[name] = self._held[-1].getsockname()[1]
             worker_settings = self.settings.model_copy(update=shared)
-            listener = metrics.start_listener(self.settings.metrics_port, self.settings.host)
+            if self.settings.metrics_port is not None:
+                listener = HttpListener(metrics_application(), 0)
+                shared["metrics_port"] = await listener.start(
+                    self.settings.host, self.settings.metrics_port
+                )
         except BaseException:
             self._release()
             raise
@@ -265,7 +272,6 @@ class Supervisor:
                 "serving",
                 extra={
                     **shared,
-                    "metrics_port": listener.server_port,
                     "workers": len(self.workers),
                     "pids": ",".join(str(w.process.pid) for w in self.workers if w.process),
                     "model": self.settings.model_name,
@@ -280,8 +286,8 @@ class Supervisor:
                     logger.warning("worker did not stop; killing it", extra=self._about(worker))
                     worker.process.kill()
         await asyncio.gather(*tasks)
-        listener.shutdown()
-        listener.server_close()
+        if listener is not None:
+            await listener.stop()
         self._release()
         if self._failure:
             # Before SERVING, the one message for every worker that could not start.

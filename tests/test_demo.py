@@ -24,7 +24,7 @@ def test_make_demo_trains_serves_scores_and_stops_cleanly(mnist_path: Path, tmp_
             str(REPO),
             "demo",
             f"MODEL_DIR={model_dir}",
-            f"DEMO_ARGS=--port 0 --metrics-port 0 --output {output}",
+            f"DEMO_ARGS=--port 0 --http-port 0 --output {output}",
         ],
         capture_output=True,
         text=True,

@@ -487,7 +487,7 @@ def test_models_volume_trainer_writes_and_server_reads(compose: dict[str, Any]) 
     )
 
 
-def test_server_publishes_grpc_and_metrics_ports(compose: dict[str, Any]) -> None:
+def test_server_publishes_grpc_and_http_ports(compose: dict[str, Any]) -> None:
     server = service(compose, "server")
     published = set()
     for port in server.get("ports", []):
@@ -500,7 +500,9 @@ def test_server_publishes_grpc_and_metrics_ports(compose: dict[str, Any]) -> Non
     assert ("8501", "8501") in published, published
     env = environment(server)
     assert env.get("MNIST_SERVING_PORT", "8500") == "8500"
-    assert env.get("MNIST_SERVING_METRICS_PORT", "8501") == "8501"
+    assert env.get("MNIST_SERVING_HTTP_PORT", "8501") == "8501"
+    # /metrics is on the HTTP port; a separate metrics listener would need its own mapping.
+    assert "MNIST_SERVING_METRICS_PORT" not in env
 
 
 def test_server_healthcheck_asks_the_grpc_health_service(compose: dict[str, Any]) -> None:
@@ -631,12 +633,12 @@ def test_promtool_accepts_the_scrape_config() -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_prometheus_scrapes_the_server_metrics_port(compose: dict[str, Any]) -> None:
+def test_prometheus_scrapes_the_server_http_port(compose: dict[str, Any]) -> None:
     config = load_yaml(PROMETHEUS_CONFIG)
     [job] = [j for j in config["scrape_configs"] if j["job_name"] == "mnist-serving"]
     interval = job.get("scrape_interval", config.get("global", {}).get("scrape_interval", "1m"))
     assert seconds(interval) <= 15, interval
-    port = environment(service(compose, "server")).get("MNIST_SERVING_METRICS_PORT", "8501")
+    port = environment(service(compose, "server")).get("MNIST_SERVING_HTTP_PORT", "8501")
     targets = [t for static in job.get("static_configs", []) for t in static["targets"]]
     assert targets == [f"server:{port}"], targets
     assert job.get("metrics_path", "/metrics") == "/metrics"

@@ -40,6 +40,9 @@ def run_serve(*args: str, env: dict[str, str] | None = None) -> subprocess.Compl
         (["--version-policy", "newest"], "version-policy"),
         (["--version-policy", "specific"], "needs --versions"),
         (["--no-such-flag"], "unrecognized"),
+        (["--port", "9000", "--http-port", "9000"], "must differ"),
+        (["--http-port", "8600", "--metrics-port", "8600"], "must differ"),
+        (["--http-port", "-1"], "--http-port"),
     ],
 )
 def test_a_bad_setting_stops_start_up_with_exit_code_2(args: list[str], words: str) -> None:
@@ -58,7 +61,7 @@ def test_settings_also_come_from_the_environment(tmp_path: Path) -> None:
 
 
 def test_a_model_dir_without_versions_is_a_clear_error(tmp_path: Path) -> None:
-    result = run_serve("--model-dir", str(tmp_path), "--port", "0", "--metrics-port", "0")
+    result = run_serve("--model-dir", str(tmp_path), "--port", "0", "--http-port", "0")
     assert result.returncode == 1
     assert "no loadable model version" in result.stderr
     assert "Traceback" not in result.stderr

@@ -447,7 +447,7 @@ def test_sigterm_during_the_first_load_exits_promptly(tmp_path: Path, tiny_model
     process = subprocess.Popen(
         [
             sys.executable, "-m", "mnist_serving.server", "--model-dir", str(model_dir),
-            "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0",
+            "--host", "127.0.0.1", "--port", "0", "--http-port", "0",
         ],
         stderr=subprocess.PIPE,
         text=True,

@@ -1,0 +1,91 @@
+"""The HTTP port: TF Serving's REST API (/v1), KServe v2 REST (/v2) and /metrics, served by
+aiohttp on the gRPC server's own event loop.
+
+The socket is opened with SO_REUSEPORT so that several worker processes can share the
+port. Unknown paths and methods get a JSON error too; bodies beyond the size limit get 413.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import grpc
+from aiohttp import web
+
+from .. import metrics
+from ..core import InferenceCore
+from . import rest, tfserving_rest, v2_rest
+
+logger = logging.getLogger(__name__)
+
+ROUTER_CODES = {404: grpc.StatusCode.NOT_FOUND, 405: grpc.StatusCode.UNIMPLEMENTED}
+
+
+async def metrics_page(request: web.Request) -> web.Response:
+    body, content_type = metrics.exposition()
+    # content_type carries its own charset parameter, so it goes in as a raw header.
+    return web.Response(body=body, headers={"Content-Type": content_type})
+
+
+@web.middleware
+async def json_router_errors(request: web.Request, handler: rest.Handler) -> web.StreamResponse:
+    """The router's own 404/405 as JSON, counted under api "http" (no per-path labels)."""
+    try:
+        return await handler(request)
+    except web.HTTPException as error:
+        if error.status < 400:
+            raise
+        code = ROUTER_CODES.get(error.status, grpc.StatusCode.INVALID_ARGUMENT)
+        metrics.REQUESTS.labels("http", "unrouted", code.name).inc()
+        message = f"{request.method} {request.path}: {error.reason}"
+        if error.status == 404:
+            message += "; the APIs are under /v1/models/ (TF Serving) and /v2/ (KServe v2)"
+        response = rest.error_response(error.status, message)
+        if error.status == 405:
+            response.headers["Allow"] = error.headers.get("Allow", "")
+        return response
+
+
+def application(core: InferenceCore, max_body_bytes: int) -> web.Application:
+    app = web.Application(client_max_size=max_body_bytes, middlewares=[json_router_errors])
+    app["max_body_bytes"] = max_body_bytes
+    app.add_routes(
+        [
+            *tfserving_rest.routes(core),
+            *v2_rest.routes(core),
+            web.get("/metrics", metrics_page),
+        ]
+    )
+    return app
+
+
+def metrics_application() -> web.Application:
+    """Only /metrics: for the optional separate --metrics-port listener."""
+    app = web.Application()
+    app.add_routes([web.get("/metrics", metrics_page)])
+    return app
+
+
+class HttpListener:
+    """One aiohttp app on one port: `port = await start(host, port)`, then `await stop()`."""
+
+    def __init__(self, app: web.Application, grace: float, *, reuse_port: bool = False) -> None:
+        self._runner = web.AppRunner(
+            app, access_log=None, handle_signals=False, shutdown_timeout=grace
+        )
+        # Only workers share a port (the kernel spreads connections over them); a lone
+        # server must fail on a port that another server holds.
+        self._reuse_port = reuse_port
+        self._started = False
+
+    async def start(self, host: str, port: int) -> int:
+        self._started = True
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, host, port, reuse_port=self._reuse_port)
+        await site.start()
+        return int(self._runner.addresses[0][1])
+
+    async def stop(self) -> None:
+        """Stop listening, let calls in flight finish within the grace period."""
+        if self._started:
+            await self._runner.cleanup()

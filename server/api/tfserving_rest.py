@@ -1,0 +1,190 @@
+"""TensorFlow Serving's REST API on the HTTP port, for clients written against TF Serving.
+
+POST /v1/models/{name}[/versions/{v}]:predict with the row ("instances") or columnar
+("inputs") format, GET /v1/models/{name}[/versions/{v}] (status) and .../metadata; errors
+as {"error": "..."}. JSON in, the same InferenceCore as every API, JSON out. :classify,
+:regress and version labels answer as the gRPC binding does (501, 400).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from aiohttp import web
+from google.protobuf import json_format
+
+from mnist_serving.contract import INPUT_NAME, OUTPUTS, SIGNATURES
+
+from ..core import Answer, InferenceCore
+from ..errors import InvalidInput, ModelNotFound, NotImplementedHere
+from . import rest
+
+API = "tfserving_rest"
+DEFAULT_SIGNATURE = "serving_default"  # what an absent signature_name means, as in TF Serving
+SIGNATURE_DTYPES = {signature: dtype for dtype, signature in SIGNATURES.items()}
+# name, then /versions/N or /labels/L, then :verb or /metadata
+PATH = re.compile(
+    r"(?P<name>[^/:]+)(?:/versions/(?P<version>[^/:]+)|/labels/(?P<label>[^/:]+))?"
+    r"(?P<tail>:[a-z]+|/metadata)?"
+)
+
+
+def routes(core: InferenceCore) -> list[web.RouteDef]:
+    api = TfServingRest(core)
+    return [
+        web.post("/v1/models/{path:.+}", rest.counted(API, "Predict", api.post)),
+        web.get("/v1/models/{path:.+}", api.get),
+    ]
+
+
+class TfServingRest:
+    def __init__(self, core: InferenceCore) -> None:
+        self.core = core
+        # GET answers two RPCs' worth: counted under the one it stands for.
+        self._status = rest.counted(API, "GetModelStatus", self.status)
+        self._metadata = rest.counted(API, "GetModelMetadata", self.metadata)
+
+    async def post(self, request: web.Request) -> web.Response:
+        name, version, tail = model_path(request)
+        if tail != ":predict":
+            raise NotImplementedHere(
+                f"{tail or 'POST /v1/models/{name}'} is not served here; this server answers "
+                ":predict, and GET for model status and /metadata"
+            )
+        self.core.versions(name)  # an unknown model is 404 at once
+        body = rest.parse_json(await rest.read_body(request))
+        signature = body.get("signature_name", DEFAULT_SIGNATURE)
+        dtype = SIGNATURE_DTYPES.get(signature)
+        if dtype is None:
+            raise InvalidInput(
+                f"unknown signature_name {signature!r}; the signatures are "
+                f"{sorted(SIGNATURE_DTYPES)}"
+            )
+        row_format, images = request_images(body)
+        array = rest.number_array(images, INPUT_NAME)
+        answer = await self.core.predict(
+            model_name=name,
+            version=version,
+            dtype=dtype,
+            shape=array.shape,
+            content=rest.pixel_bytes(array, dtype, INPUT_NAME),
+            time_remaining=rest.time_remaining(request),
+        )
+        return rest.json_response(predictions(answer, row_format))
+
+    async def get(self, request: web.Request) -> web.StreamResponse:
+        tail = PATH.fullmatch(request.match_info["path"])
+        if tail is not None and tail["tail"] == "/metadata":
+            return await self._metadata(request)
+        return await self._status(request)
+
+    async def status(self, request: web.Request) -> web.Response:
+        name, version, tail = model_path(request)
+        if tail:
+            raise NotImplementedHere(f"GET {tail} is not served here; try .../metadata")
+        return rest.json_response(
+            {
+                "model_version_status": [
+                    {
+                        "version": str(v),
+                        "state": "AVAILABLE",
+                        "status": {"error_code": "OK", "error_message": ""},
+                    }
+                    for v in self.versions(name, version)
+                ]
+            }
+        )
+
+    async def metadata(self, request: web.Request) -> web.Response:
+        name, version, _ = model_path(request)
+        newest = self.versions(name, version)[0]
+        [report] = [v for v in self.core.versions(name) if v.version == newest]
+        signature_defs = {
+            key: json_format.MessageToDict(signature_def)
+            for key, signature_def in report.signature_defs.items()
+        }
+        return rest.json_response(
+            {
+                "model_spec": {
+                    "name": self.core.model_name,
+                    "signature_name": "",
+                    "version": str(newest),
+                },
+                "metadata": {"signature_def": {"signature_def": signature_defs}},
+            }
+        )
+
+    def versions(self, name: str, version: int) -> list[int]:
+        """The pinned version, or every loaded one (newest first) when none is pinned."""
+        loaded = [v.version for v in self.core.versions(name)]
+        if not version:
+            return loaded
+        if version not in loaded:
+            listed = ", ".join(map(str, loaded)) or "none"
+            raise ModelNotFound(
+                f"version {version} of {self.core.model_name!r} is not loaded (loaded: {listed})"
+            )
+        return [version]
+
+
+def model_path(request: web.Request) -> tuple[str, int, str]:
+    """(model name, version or 0, tail such as ':predict') of a /v1/models/... path."""
+    match = PATH.fullmatch(request.match_info["path"])
+    if match is None:
+        raise ModelNotFound(
+            f"no such resource {request.path}; the paths are /v1/models/NAME[/versions/N]"
+            "[:predict|/metadata]"
+        )
+    if match["label"] is not None:
+        raise InvalidInput(
+            f"version label {match['label']!r} is not supported: this server has no version "
+            "labels; use /versions/N, or leave it out for the newest"
+        )
+    version = 0
+    if match["version"] is not None:
+        if not match["version"].isdigit() or int(match["version"]) < 1:
+            raise ModelNotFound(
+                f"version {match['version']!r} is not loaded; versions are positive integers"
+            )
+        version = int(match["version"])
+    return match["name"], version, match["tail"] or ""
+
+
+def request_images(body: dict[str, Any]) -> tuple[bool, Any]:
+    """(row format?, the images as nested lists) from an "instances" or "inputs" body."""
+    formats = [key for key in ("instances", "inputs") if key in body]
+    if len(formats) != 1:
+        raise InvalidInput(
+            'the request body needs exactly one of "instances" (row format) or "inputs" '
+            f"(columnar format); got {formats or 'neither'}"
+        )
+    if formats == ["instances"]:
+        instances = body["instances"]
+        if not isinstance(instances, list) or not instances:
+            raise InvalidInput('"instances" must be a non-empty list, one entry per image')
+        if any(isinstance(i, dict) for i in instances):
+            return True, [named_input(i, "each instance") for i in instances]
+        return True, instances
+    inputs = body["inputs"]
+    return False, named_input(inputs, '"inputs"') if isinstance(inputs, dict) else inputs
+
+
+def named_input(value: Any, what: str) -> Any:
+    if not isinstance(value, dict) or set(value) != {INPUT_NAME}:
+        keys = sorted(value) if isinstance(value, dict) else type(value).__name__
+        raise InvalidInput(f"{what} must be an image or {{{INPUT_NAME!r}: image}}; got {keys}")
+    return value[INPUT_NAME]
+
+
+def predictions(answer: Answer, row_format: bool) -> dict[str, Any]:
+    probabilities = answer.prediction.probabilities.tolist()
+    classes = answer.prediction.classes.tolist()
+    if row_format:
+        return {
+            "predictions": [
+                dict(zip(OUTPUTS, row, strict=True))
+                for row in zip(probabilities, classes, strict=True)
+            ]
+        }
+    return {"outputs": dict(zip(OUTPUTS, (probabilities, classes), strict=True))}
