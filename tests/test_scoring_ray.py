@@ -76,10 +76,16 @@ def eight_shards(mnist_path: Path, tmp_path_factory: pytest.TempPathFactory) -> 
 
 
 @pytest.fixture(scope="module")
-def twenty_shards(mnist_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("shards20")
-    npz_to_parquet(str(mnist_path), str(folder), shards=20)
-    return folder
+def scored_eight(
+    ray_address: str,
+    served_trained: ServerProcess,
+    eight_shards: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> tuple[RayJobReport, Path]:
+    """One uninterrupted job over the eight shards: the reference the other runs match."""
+    output = tmp_path_factory.mktemp("scored8")
+    settings = job(served_trained.target, actors=2)
+    return run_ray_job(settings, [str(eight_shards)], str(output)), output
 
 
 def read_output(folder: Path) -> dict[str, np.ndarray]:
@@ -172,21 +178,19 @@ def test_importing_the_engine_needs_neither_ray_nor_pyarrow() -> None:
 
 
 def test_70k_rows_each_once_with_the_plain_scorers_accuracy(
-    ray_address: str,
     served_trained: ServerProcess,
-    eight_shards: Path,
+    scored_eight: tuple[RayJobReport, Path],
     mnist_arrays: tuple[list[str], np.ndarray, np.ndarray],
-    tmp_path: Path,
 ) -> None:
     keys, images, labels = mnist_arrays
-    report = run_ray_job(job(served_trained.target, actors=2), [str(eight_shards)], str(tmp_path))
+    report, output = scored_eight
     assert not report.failed_shards
     assert report.failed_rows == 0
     assert report.rows == 70_000
     assert len(report.scored) == 8
     assert report.model_version == 1
 
-    out = read_output(tmp_path)
+    out = read_output(output)
     assert len(out["key"]) == 70_000
     assert len(set(out["key"])) == 70_000  # each key exactly once
     order = np.argsort(keys)
@@ -210,14 +214,16 @@ def test_70k_rows_each_once_with_the_plain_scorers_accuracy(
 
 
 def test_driver_killed_and_rerun_ends_with_the_uninterrupted_output(
-    ray_address: str, served_trained: ServerProcess, twenty_shards: Path, tmp_path: Path
+    ray_address: str,
+    served_trained: ServerProcess,
+    eight_shards: Path,
+    scored_eight: tuple[RayJobReport, Path],
+    tmp_path: Path,
 ) -> None:
-    whole, killed = tmp_path / "whole", tmp_path / "killed"
-    run_ray_job(job(served_trained.target, actors=1), [str(twenty_shards)], str(whole))
-
+    whole, killed = scored_eight[1], tmp_path / "killed"
     args = ["score", "--engine", "ray", "--target", served_trained.target, "--address",
-            ray_address, "--input", twenty_shards, "--output", killed, "--actors", "1",
-            "--concurrency", "1", "--batch-size", "256", "--no-progress"]  # fmt: skip
+            ray_address, "--input", eight_shards, "--output", killed, "--actors", "1",
+            "--no-progress"]  # fmt: skip
     driver = cli_process(*args)
     server = served_trained.process
     try:
@@ -230,13 +236,13 @@ def test_driver_killed_and_rerun_ends_with_the_uninterrupted_output(
         done_at_kill = committed(killed)
     finally:
         server.send_signal(signal.SIGCONT)
-    assert 1 <= len(done_at_kill) < 20
+    assert 1 <= len(done_at_kill) < 8
 
     rerun = cli_process(*args)
     stdout, stderr = rerun.communicate(timeout=WAIT * 2)
     assert rerun.returncode == 0, stdout + stderr
     assert f"kept {len(done_at_kill)} shards" in stdout
-    assert f"scored {70_000 - sum(3500 for _ in done_at_kill)} images in " in stdout
+    assert f"scored {70_000 - 8750 * len(done_at_kill)} images in " in stdout
     assert "accuracy 0.9" in stdout
     assert "WARNING" not in stderr, stderr
     assert "core_worker" not in stderr, stderr
@@ -253,7 +259,7 @@ def test_driver_killed_and_rerun_ends_with_the_uninterrupted_output(
     stdout, _ = again.communicate(timeout=WAIT * 2)
     assert again.returncode == 0
     assert "nothing left to score" in stdout
-    assert "kept 20 shards (70000 rows)" in stdout
+    assert "kept 8 shards (70000 rows)" in stdout
 
 
 def writer_pid(shard: Path) -> int:
@@ -263,15 +269,15 @@ def writer_pid(shard: Path) -> int:
 
 
 def test_a_killed_worker_is_replaced_and_no_row_is_lost_or_doubled(
-    ray_address: str, served_trained: ServerProcess, twenty_shards: Path, tmp_path: Path
+    ray_address: str, served_trained: ServerProcess, eight_shards: Path, tmp_path: Path
 ) -> None:
-    settings = job(served_trained.target, actors=1, concurrency=1, batch_size=256)
+    settings = job(served_trained.target, actors=1)
     reports: list[RayJobReport] = []
     errors: list[BaseException] = []
 
     def run() -> None:
         try:
-            reports.append(run_ray_job(settings, [str(twenty_shards)], str(tmp_path)))
+            reports.append(run_ray_job(settings, [str(eight_shards)], str(tmp_path)))
         except BaseException as error:
             errors.append(error)
 

@@ -161,6 +161,8 @@ def run_ray_job(
     a URI); skip those an earlier run of the same job wrote. `on_start(shards to do,
     shards kept)` is called before Ray starts. Shards that fail are reported, not raised."""
     shards = list_shards(inputs, images_per_shard=settings.images_per_shard)
+    if "://" not in output:
+        output = os.path.abspath(output)  # the actors' working folder may be another
     filesystem, folder = resolve(output)
     filesystem.create_dir(folder, recursive=True)
     wanted = _pinned_version(filesystem, folder, shards, settings.model_version)
