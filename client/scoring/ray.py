@@ -161,6 +161,7 @@ def run_ray_job(
     a URI); skip those an earlier run of the same job wrote. `on_start(shards to do,
     shards kept)` is called before Ray starts. Shards that fail are reported, not raised."""
     shards = list_shards(inputs, images_per_shard=settings.images_per_shard)
+    shown = output
     if "://" not in output:
         output = os.path.abspath(output)  # the actors' working folder may be another
     filesystem, folder = resolve(output)
@@ -193,7 +194,7 @@ def run_ray_job(
         outcomes, actors = _run_on_ray(settings, worker, todo)
     elapsed = time.perf_counter() - started
     everything = sorted(kept + outcomes, key=lambda o: o.index)
-    return RayJobReport(everything, elapsed, version, actors, batch_size, output)
+    return RayJobReport(everything, elapsed, version, actors, batch_size, shown)
 
 
 def _run_on_ray(
