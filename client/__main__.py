@@ -413,12 +413,9 @@ def _summarise(report: JobReport, labels: np.ndarray | None, args: argparse.Name
             f"{stats.failed} failed -> {args.output}"
         )
     if labels is not None:
-        answered = report.classes >= 0
-        correct = int((report.classes[answered] == labels[answered]).sum())
-        total = int(answered.sum())
-        if total:
-            print(f"accuracy {correct / total:.4f} ({correct}/{total} with a prediction)")
-            matrix = confusion_matrix(labels, report.classes)
+        matrix = confusion_matrix(labels, report.classes)
+        if matrix.sum():
+            print(Accuracy.of(matrix))
             written = write_confusion(matrix, args.output)
             print("confusion matrix: " + ", ".join(str(p) for p in written))
     for (start, stop), message in zip(stats.failed_ranges, stats.errors, strict=True):
