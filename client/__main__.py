@@ -469,7 +469,14 @@ def _score_ray(args: argparse.Namespace) -> int:
         print(f"mnist-client: {todo} shards to score{done}", file=sys.stderr, flush=True)
 
     with _native_stderr_to_file() as ray_log:
-        report = run_ray_job(settings, args.input, args.output, on_start=start)
+        try:
+            report = run_ray_job(settings, args.input, args.output, on_start=start)
+        except BaseException:
+            if ray_log.stat().st_size:
+                print(f"mnist-client: Ray's own messages are in {ray_log}", file=sys.stderr)
+            else:
+                ray_log.unlink()
+            raise
     for line in summary_lines(report):
         print(line)
     matrix = report.confusion

@@ -377,8 +377,9 @@ def test_several_targets_share_the_calls_and_one_version_is_pinned(
         np.save(tmp_path / f"{part}.npy", images[part * 1000 : (part + 1) * 1000])
     with running_fake_server() as one, running_fake_server() as two:
         settings = job((one.target, two.target), actors=1, batch_size=100, concurrency=2)
-        report = run_ray_job(settings, [str(tmp_path / f"{p}.npy") for p in range(4)],
-                             str(tmp_path / "out"))  # fmt: skip
+        # file:// URIs take the same path as s3:// or gs:// ones (pyarrow's from_uri).
+        inputs = [f"file://{tmp_path}/{p}.npy" for p in range(4)]
+        report = run_ray_job(settings, inputs, f"file://{tmp_path}/out")
         calls = [one.service.predict_calls(), two.service.predict_calls()]
     assert report.rows == 4000
     assert report.model_version == 2
@@ -391,7 +392,7 @@ def test_several_targets_share_the_calls_and_one_version_is_pinned(
     by_key = dict(zip(out.column("key").to_pylist(), out.column("class").to_pylist(), strict=True))
     classes = expected(images)[1]
     for part in range(4):
-        uri = str(tmp_path / f"{part}.npy")
+        uri = f"file://{tmp_path}/{part}.npy"
         assert [by_key[f"{uri}#{i}"] for i in range(1000)] == classes[
             part * 1000 : (part + 1) * 1000
         ].tolist()
@@ -410,3 +411,24 @@ def test_a_job_keeps_its_model_version(tmp_path: Path, capsys: pytest.CaptureFix
         )
         assert main([*base, "--model-version", "2"]) == 2
         assert "was started with model version 1, not 2" in capsys.readouterr().err
+
+
+def test_to_parquet_writes_the_readmes_shards(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    images = np.arange(7 * 784, dtype=np.int64).reshape(7, 28, 28) % 256
+    np.savez(tmp_path / "m.npz", x_train=images[:4].astype(np.uint8), y_train=np.arange(4),
+             x_test=images[4:].astype(np.uint8), y_test=np.arange(3))  # fmt: skip
+    code = main(["to-parquet", "--input", str(tmp_path / "m.npz"), "--output",
+                 str(tmp_path / "shards"), "--shards", "2"])  # fmt: skip
+    assert code == 0
+    assert "wrote 2 Parquet shards" in capsys.readouterr().out
+    table = pq.read_table(tmp_path / "shards")
+    keys = ["train/0", "train/1", "train/2", "train/3", "test/0", "test/1", "test/2"]
+    assert table.column("key").to_pylist() == keys
+    assert table.column("label").to_pylist() == [0, 1, 2, 3, 0, 1, 2]
+    data = read_shard(list_shards([str(tmp_path / "shards")])[0], ReadOptions())
+    np.testing.assert_array_equal(data.images.reshape(-1, 28, 28), images[: len(data.keys)])
+    assert main(["to-parquet", "--input", str(tmp_path / "m.npz"), "--output",
+                 str(tmp_path / "x"), "--splits", "valid"]) == 2  # fmt: skip
+    assert "no x_valid" in capsys.readouterr().err

@@ -312,6 +312,8 @@ def _npz(uri: str, content: bytes, split: str) -> ShardData:
 
 def _images(shard: Shard, filesystem: pyarrow.fs.FileSystem, options: ReadOptions) -> ShardData:
     root = resolve(shard.uri)[1]
+    if shard.files == (root,):  # a single image file: its key is its name
+        root = posixpath.dirname(root)
     keys = [posixpath.relpath(f, root) if f.startswith(root) else f for f in shard.files]
     images = np.empty((len(shard.files), 28, 28), np.uint8)
     errors: dict[int, str] = {}
