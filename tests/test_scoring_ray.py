@@ -162,6 +162,11 @@ def test_shard_formats(tmp_path: Path) -> None:
         assert data.keys[0] == f"{shard.uri}#0"
     assert read_shard(shards[1], ReadOptions()).labels.tolist() == [0, 1, 2, 3, 4]  # type: ignore[union-attr]
     assert read_shard(shards[5], ReadOptions()).labels.tolist() == [1] * 5  # type: ignore[union-attr]
+    (tmp_path / "empty").mkdir()
+    pq.write_table(pa.table({"image": pa.array([], pa.binary())}), tmp_path / "empty" / "e.parquet")
+    empty = read_shard(list_shards([str(tmp_path / "empty")])[0], ReadOptions())
+    assert empty.keys == []
+    assert empty.images.shape == (0, 784)
 
 
 def test_importing_the_engine_needs_neither_ray_nor_pyarrow() -> None:
