@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -113,13 +114,20 @@ def wait_for(condition: Callable[[], bool], what: str) -> None:
         time.sleep(0.02)
 
 
-def cli_process(*args: object) -> subprocess.Popen[str]:
+def cli_process(*args: object, temporary: Path) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [sys.executable, "-m", "mnist_serving.client", *map(str, args)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        env={**os.environ, "TMPDIR": str(temporary)},  # where Ray's log goes
     )
+
+
+@pytest.fixture(autouse=True)
+def _temporary_files_in_tmp_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CLI's Ray log (kept when a job fails) lands in the test's own folder."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
 
 
 def job(target: str | tuple[str, ...], **options: object) -> RayJobSettings:
@@ -229,7 +237,7 @@ def test_driver_killed_and_rerun_ends_with_the_uninterrupted_output(
     args = ["score", "--engine", "ray", "--target", served_trained.target, "--address",
             ray_address, "--input", eight_shards, "--output", killed, "--actors", "1",
             "--no-progress"]  # fmt: skip
-    driver = cli_process(*args)
+    driver = cli_process(*args, temporary=tmp_path)
     server = served_trained.process
     try:
         wait_for(lambda: bool(committed(killed)) or driver.poll() is not None, "a first shard")
@@ -243,7 +251,7 @@ def test_driver_killed_and_rerun_ends_with_the_uninterrupted_output(
         server.send_signal(signal.SIGCONT)
     assert 1 <= len(done_at_kill) < 8
 
-    rerun = cli_process(*args)
+    rerun = cli_process(*args, temporary=tmp_path)
     stdout, stderr = rerun.communicate(timeout=WAIT * 2)
     assert rerun.returncode == 0, stdout + stderr
     assert f"kept {len(done_at_kill)} shards" in stdout
@@ -260,7 +268,7 @@ def test_driver_killed_and_rerun_ends_with_the_uninterrupted_output(
         np.testing.assert_array_equal(a[name], b[name], err_msg=name)
     np.testing.assert_allclose(a["probabilities"], b["probabilities"], atol=1e-5)
 
-    again = cli_process(*args)
+    again = cli_process(*args, temporary=tmp_path)
     stdout, _ = again.communicate(timeout=WAIT * 2)
     assert again.returncode == 0
     assert "nothing left to score" in stdout
