@@ -7,11 +7,13 @@ Exit codes: 0 success; 1 the server said no (not SERVING, an RPC error, failed r
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
 import sys
-from collections.abc import Sequence
+import tempfile
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,12 +27,14 @@ from .inputs import SPLITS, open_source
 from .scoring import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_CONCURRENCY,
+    Accuracy,
     JobReport,
     JobSettings,
     confusion_matrix,
     run_job,
     write_confusion,
 )
+from .scoring.shards import DEFAULT_IMAGES_PER_SHARD
 
 logger = logging.getLogger("mnist_serving.client")
 
@@ -107,21 +111,26 @@ def _parser() -> argparse.ArgumentParser:
     score = commands.add_parser(
         "score",
         parents=[common],
-        help="score a data set into CSV or JSON Lines, resumably",
+        help="score a data set into CSV or JSON Lines (or Parquet shards on Ray), resumably",
         description=(
             "Score every input of SRC and write one row per input, in order, to OUT (.csv or "
             ".jsonl). With labels (npz y_test, IDX labels, digit-named image folders) print "
-            "the accuracy and write OUT's confusion matrix next to it."
+            "the accuracy and write OUT's confusion matrix next to it. With --engine ray, SRC "
+            "is one or more shards or folders of shards (Parquet, .npy, .npz, images; local or "
+            "any pyarrow filesystem: s3://, gs://, ...) and OUT a folder of Parquet shards, "
+            "one per input shard, each written exactly once; rerun the same command to finish "
+            "an interrupted job."
         ),
     )
     score.add_argument(
         "--input",
         required=True,
-        type=Path,
+        nargs="+",
         metavar="SRC",
-        help=".npz (Keras layout or one array), .npy, IDX file or folder, or image folder",
+        help=".npz (Keras layout or one array), .npy, IDX file or folder, or image folder; "
+        "with --engine ray: shards (.parquet, .npy, .npz) and folders of them or of images",
     )
-    score.add_argument("--output", required=True, type=Path, metavar="OUT")
+    score.add_argument("--output", required=True, metavar="OUT")
     _input_options(score)
     score.add_argument(
         "--batch-size",
@@ -149,8 +158,71 @@ def _parser() -> argparse.ArgumentParser:
     )
     score.add_argument("--no-progress", action="store_true", help="no progress bar")
     _timeout_option(score, DEFAULT_TIMEOUT)
+    _ray_options(score)
     score.set_defaults(command=_score)
+
+    to_parquet = commands.add_parser(
+        "to-parquet",
+        help="write a Keras-layout MNIST .npz as Parquet shards (for --engine ray)",
+        description="Columns: key (train/0, ..., test/9999), image (784 bytes), label.",
+    )
+    to_parquet.add_argument("--input", required=True, metavar="NPZ")
+    to_parquet.add_argument("--output", required=True, metavar="FOLDER", help="path or URI")
+    to_parquet.add_argument(
+        "--shards", type=_positive(int), default=8, help="files to write (default: %(default)s)"
+    )
+    to_parquet.add_argument(
+        "--splits",
+        default="train,test",
+        help="which halves, in order, comma-separated (default: %(default)s)",
+    )
+    to_parquet.set_defaults(command=_to_parquet)
     return parser
+
+
+def _ray_options(score: argparse.ArgumentParser) -> None:
+    ray = score.add_argument_group('the Ray engine (pip install "mnist-serving[ray]")')
+    ray.add_argument(
+        "--engine",
+        choices=("plain", "ray"),
+        default="plain",
+        help="plain: this process, one output file; ray: Ray Data over shards (default: "
+        "%(default)s)",
+    )
+    ray.add_argument(
+        "--targets",
+        metavar="ADDR[,ADDR...]",
+        help="servers to spread the calls over, or one dns:///NAME:PORT (default: --target)",
+    )
+    ray.add_argument(
+        "--address", help="join this Ray cluster (default: a local instance on this machine)"
+    )
+    ray.add_argument(
+        "--actors",
+        type=_positive(int),
+        help="scoring actors, each with --concurrency requests in flight (default: one per "
+        "CPU of the cluster)",
+    )
+    ray.add_argument(
+        "--num-cpus", type=_positive(int), help="CPUs of the local Ray instance (default: all)"
+    )
+    ray.add_argument(
+        "--images-per-shard",
+        type=_positive(int),
+        default=DEFAULT_IMAGES_PER_SHARD,
+        help="image files per shard of an image folder (default: %(default)s)",
+    )
+    ray.add_argument(
+        "--image-column", default="image", help="Parquet column of the images (default: image)"
+    )
+    ray.add_argument(
+        "--key-column", default="key", help="Parquet column of the keys, if any (default: key)"
+    )
+    ray.add_argument(
+        "--label-column",
+        default="label",
+        help="Parquet column of the labels, if any (default: label)",
+    )
 
 
 def _timeout_option(parser: argparse.ArgumentParser, default: float) -> None:
@@ -280,11 +352,18 @@ def _print_predictions(names: list[str], prediction: Prediction, as_json: bool) 
 
 
 def _score(args: argparse.Namespace) -> int:
+    if args.engine == "ray":
+        return _score_ray(args)
+    if len(args.input) != 1:
+        raise InputFileError("several inputs need --engine ray; the plain engine takes one")
+    if args.targets is not None and "," in args.targets:
+        raise InputFileError("several --targets need --engine ray; the plain engine takes one")
     from tqdm import tqdm
 
-    source = open_source(args.input, split=args.split, invert=args.invert)
+    args.output = Path(args.output)
+    source = open_source(Path(args.input[0]), split=args.split, invert=args.invert)
     settings = JobSettings(
-        target=args.target,
+        target=args.targets or args.target,
         batch_size=args.batch_size,
         concurrency=args.concurrency,
         connections=args.connections,
@@ -342,12 +421,9 @@ def _summarise(report: JobReport, labels: np.ndarray | None, args: argparse.Name
             f"{stats.failed} failed -> {args.output}"
         )
     if labels is not None:
-        answered = report.classes >= 0
-        correct = int((report.classes[answered] == labels[answered]).sum())
-        total = int(answered.sum())
-        if total:
-            print(f"accuracy {correct / total:.4f} ({correct}/{total} with a prediction)")
-            matrix = confusion_matrix(labels, report.classes)
+        matrix = confusion_matrix(labels, report.classes)
+        if matrix.sum():
+            print(Accuracy.of(matrix))
             written = write_confusion(matrix, args.output)
             print("confusion matrix: " + ", ".join(str(p) for p in written))
     for (start, stop), message in zip(stats.failed_ranges, stats.errors, strict=True):
@@ -361,6 +437,116 @@ def _summarise(report: JobReport, labels: np.ndarray | None, args: argparse.Name
         )
     if stats.failed_ranges or report.stopped_early:
         return EXIT_FAILED
+    return 0
+
+
+def _score_ray(args: argparse.Namespace) -> int:
+    import importlib.util
+
+    if not all(importlib.util.find_spec(m) for m in ("ray", "pyarrow")):
+        raise InputFileError('the Ray engine needs the ray extra: pip install "mnist-serving[ray]"')
+    from .scoring.ray import RayJobSettings, run_ray_job, summary_lines
+    from .scoring.shards import ReadOptions
+
+    targets = tuple(t.strip() for t in (args.targets or args.target).split(",") if t.strip())
+    args.target = ",".join(targets)  # for error messages
+    settings = RayJobSettings(
+        targets=targets,
+        batch_size=args.batch_size,
+        concurrency=args.concurrency,
+        actors=args.actors or 0,
+        model_version=args.model_version,
+        timeout=args.timeout,
+        tls=args.tls,
+        root_certificates=None if args.ca_cert is None else args.ca_cert.read_bytes(),
+        read=ReadOptions(
+            split=args.split,
+            invert=args.invert,
+            image_column=args.image_column,
+            key_column=args.key_column,
+            label_column=args.label_column,
+        ),
+        images_per_shard=args.images_per_shard,
+        address=args.address,
+        num_cpus=args.num_cpus,
+        progress=not args.no_progress,
+    )
+
+    def start(todo: int, kept: int) -> None:
+        done = f" ({kept} done by an earlier run)" if kept else ""
+        print(f"mnist-client: {todo} shards to score{done}", file=sys.stderr, flush=True)
+
+    with _native_stderr_to_file() as ray_log:
+        try:
+            report = run_ray_job(settings, args.input, args.output, on_start=start)
+        except BaseException:
+            if ray_log.stat().st_size:
+                print(f"mnist-client: Ray's own messages are in {ray_log}", file=sys.stderr)
+            else:
+                ray_log.unlink()
+            raise
+    for line in summary_lines(report):
+        print(line)
+    matrix = report.confusion
+    if matrix is not None and matrix.sum():
+        print(Accuracy.of(matrix))
+        if "://" in args.output:
+            print("confusion matrix (rows: label, columns: predicted class):")
+            for label, row in enumerate(matrix.tolist()):
+                print(f"  {label}: " + " ".join(f"{n:6d}" for n in row))
+        else:
+            written = write_confusion(matrix, Path(args.output) / "_scores")
+            print("confusion matrix: " + ", ".join(str(p) for p in written))
+    for outcome in report.failed_shards:
+        print(f"mnist-client: shard {outcome.output} failed: {outcome.error}", file=sys.stderr)
+    if report.failed_shards or report.failed_rows:
+        print(f"mnist-client: Ray's own messages are in {ray_log}", file=sys.stderr)
+        return EXIT_FAILED
+    ray_log.unlink(missing_ok=True)
+    return 0
+
+
+@contextlib.contextmanager
+def _native_stderr_to_file() -> Iterator[Path]:
+    """Send what Ray's C++ core (and the processes it starts) write to file descriptor 2
+    into a log file, while Python's sys.stderr (our messages, Ray Data's progress bars)
+    stays on the terminal: Ray logs a few alarming-looking lines on every run."""
+    descriptor, name = tempfile.mkstemp(prefix="mnist-client-ray-", suffix=".log")
+    sys.stderr.flush()
+    terminal = os.dup(2)
+    previous = sys.stderr
+    # Our own log lines (e.g. a clamped batch size) stay on the terminal too.
+    handlers = [
+        h
+        for h in logging.getLogger().handlers
+        if isinstance(h, logging.StreamHandler) and h.stream is previous
+    ]
+    try:
+        os.dup2(descriptor, 2)
+        sys.stderr = open(terminal, "w", buffering=1, closefd=False)  # noqa: SIM115
+        for handler in handlers:
+            handler.setStream(sys.stderr)
+        yield Path(name)
+    finally:
+        sys.stderr.flush()
+        for handler in handlers:
+            handler.setStream(previous)
+        sys.stderr = previous
+        os.dup2(terminal, 2)
+        os.close(terminal)
+        os.close(descriptor)
+
+
+def _to_parquet(args: argparse.Namespace) -> int:
+    import importlib.util
+
+    from .scoring.shards import npz_to_parquet
+
+    if importlib.util.find_spec("pyarrow") is None:
+        raise InputFileError('to-parquet needs pyarrow: pip install "mnist-serving[ray]"')
+    splits = [s.strip() for s in args.splits.split(",") if s.strip()]
+    written = npz_to_parquet(args.input, args.output, shards=args.shards, splits=splits)
+    print(f"wrote {len(written)} Parquet shards to {args.output}")
     return 0
 
 

@@ -75,17 +75,22 @@ def channel_options(
     max_images_per_request: int,
     retry: RetryPolicy,
     extra: Sequence[tuple[str, Any]] = (),
+    load_balancing: str | None = None,
 ) -> list[tuple[str, Any]]:
     # A float32 batch is 3136 bytes per image; gRPC's 4 MiB default receive limit stops at
     # ~1300 images. The retry buffer must hold a whole request or gRPC silently stops
     # retrying it.
     largest = max(64 * _MIB, max_images_per_request * 28 * 28 * 4 + _MIB)
+    service_config = retry.service_config()
+    if load_balancing:
+        # e.g. "round_robin" over every address a dns:/// name resolves to.
+        service_config["loadBalancingConfig"] = [{load_balancing: {}}]
     options: list[tuple[str, Any]] = [
         ("grpc.max_send_message_length", largest),
         ("grpc.max_receive_message_length", largest),
         ("grpc.enable_retries", 1),
         ("grpc.per_rpc_retry_buffer_size", largest),
-        ("grpc.service_config", json.dumps(retry.service_config())),
+        ("grpc.service_config", json.dumps(service_config)),
     ]
     return options + list(extra)
 
@@ -142,6 +147,7 @@ class ClientSettings:
         wait_for_ready: bool = False,
         options: Sequence[tuple[str, Any]] = (),
         connections: int = 1,
+        load_balancing: str | None = None,
     ) -> None:
         check_settings(timeout, max_images_per_request, connections)
         self.target = target
@@ -149,7 +155,7 @@ class ClientSettings:
         self.max_images_per_request = max_images_per_request
         self.model_name = model_name
         self.wait_for_ready = wait_for_ready
-        opts = channel_options(max_images_per_request, retry, options)
+        opts = channel_options(max_images_per_request, retry, options, load_balancing)
         self._turn = itertools.count()
         self._connect(target, credentials, connection_options(opts, connections))
 

@@ -9,6 +9,7 @@ Pillow is an optional dependency (`mnist-serving[images]`), imported only when n
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
@@ -41,17 +42,20 @@ def require_pillow() -> None:
         ) from None
 
 
-def read_image(path: Path, *, invert: bool = False) -> npt.NDArray[np.uint8]:
+def read_image(
+    path: Path | str, *, invert: bool = False, data: bytes | None = None
+) -> npt.NDArray[np.uint8]:
     """One image file as an MNIST-style [28, 28] uint8 digit.
 
     `invert` is for dark digits on a light background. Transparent pixels count as
-    background either way.
+    background either way. `data`, when given, is the file's content (read from any
+    filesystem); `path` then only names it in messages.
     """
     require_pillow()
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(path) as opened:
+        with Image.open(path if data is None else io.BytesIO(data)) as opened:
             image: Image.Image = opened
             image.load()
             if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:

@@ -1,4 +1,4 @@
-"""Batch scoring: push a whole source through the server, many requests in flight, and write
+"""The plain engine: push one source through the server, many requests in flight, and write
 one row per input, in input order, to CSV or JSON Lines.
 
 Requests run concurrently over one grpc.aio channel with a sliding window: up to
@@ -13,33 +13,38 @@ had failed, and goes on from there.
 from __future__ import annotations
 
 import asyncio
-import csv
-import json
 import logging
-import os
 import time
 from collections import deque
 from collections.abc import AsyncGenerator, Callable, Iterable, Iterator
 from contextlib import aclosing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import grpc
 import numpy as np
 import numpy.typing as npt
 
-from .aio import AsyncMnistClient
-from .client import DEFAULT_RETRY, DEFAULT_TIMEOUT, RetryPolicy
-from .codec import NUM_CLASSES, Prediction
-from .errors import InputFileError, MnistError
-from .inputs import ArraySource, Source
+from ..aio import AsyncMnistClient
+from ..client import DEFAULT_RETRY, DEFAULT_TIMEOUT, RetryPolicy
+from ..codec import NUM_CLASSES, Prediction
+from ..errors import InputFileError, MnistError
+from ..inputs import ArraySource, Source
+from .outputs import RowFormat
+from .resume import Existing, read_existing, replace_rows
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_BATCH_SIZE = 1024
 DEFAULT_CONCURRENCY = 4
-OUTPUT_FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl"}
+
+
+class Predictor(Protocol):
+    """What `scored_batches` needs of a client: AsyncMnistClient, or the Ray engine's
+    round-robin over several servers."""
+
+    async def predict(self, images: npt.ArrayLike, *, model_version: int = 0) -> Prediction: ...
 
 
 @dataclass
@@ -87,7 +92,7 @@ def batch_ranges(rows: Iterable[int], batch_size: int) -> Iterator[tuple[int, in
 
 
 async def scored_batches(
-    client: AsyncMnistClient,
+    client: Predictor,
     source: Source,
     ranges: Iterable[tuple[int, int]],
     concurrency: int,
@@ -132,155 +137,6 @@ async def scored_batches(
     finally:
         for task in pending:
             task.cancel()
-
-
-# --- output files -------------------------------------------------------------------------
-
-
-class RowFormat:
-    """One output row per input: key, class, its probability, the 10 probabilities, error.
-
-    Rows are made with one %-format per row (a few microseconds): at 100k+ images/s the
-    writer, not the server, would otherwise set the pace.
-    """
-
-    def __init__(self, kind: str, key_name: str) -> None:
-        self.kind = kind
-        self.key_name = key_name
-        columns = [key_name, "class", "probability", *(f"p{i}" for i in range(NUM_CLASSES))]
-        self.columns = [*columns, "error"]
-        # %.7g: float32's precision; it also spells valid JSON numbers (0.5, 1e-05).
-        numbers = ["%.7g"] * NUM_CLASSES
-        if kind == "csv":
-            self._template = "%s,%d,%.7g," + ",".join(numbers) + ",\n"
-        else:
-            self._template = (
-                f'{{"{key_name}": %s, "class": %d, "probability": %.7g, "probabilities": ['
-                + ", ".join(numbers)
-                + "]}\n"
-            )
-
-    @staticmethod
-    def for_path(path: Path, key_name: str) -> RowFormat:
-        kind = OUTPUT_FORMATS.get(path.suffix.lower())
-        if kind is None:
-            raise InputFileError(f"{path}: unknown output format; use .csv or .jsonl (JSON Lines)")
-        return RowFormat(kind, key_name)
-
-    def header(self) -> str:
-        return ",".join(self.columns) + "\n" if self.kind == "csv" else ""
-
-    def rows(self, source: Source, result: BatchResult) -> list[str]:
-        """The lines (each ending in a newline) of the result's rows, in order."""
-        keys = [self._key(source.key(i)) for i in range(result.start, result.stop)]
-        lines = [""] * len(keys)
-        if result.prediction is not None:
-            slots = [i - result.start for i in range(result.start, result.stop)
-                     if i not in result.errors]  # fmt: skip
-            prediction = result.prediction
-            for slot, klass, confidence, probabilities in zip(
-                slots,
-                prediction.classes.tolist(),
-                prediction.confidence.tolist(),
-                prediction.probabilities.tolist(),
-                strict=True,
-            ):
-                lines[slot] = self._template % (keys[slot], klass, confidence, *probabilities)
-        for index, error in result.errors.items():
-            lines[index - result.start] = self._failed(keys[index - result.start], error)
-        return lines
-
-    def _key(self, key: str | int) -> str:
-        if isinstance(key, int):
-            return str(key)
-        return _csv_field(key) if self.kind == "csv" else json.dumps(key)
-
-    def _failed(self, key: str, error: str) -> str:
-        error = " ".join(error.split())  # one row, one line
-        if self.kind == "csv":
-            return f"{key}{',' * (NUM_CLASSES + 2)},{_csv_field(error)}\n"
-        return f'{{"{self.key_name}": {key}, "error": {json.dumps(error)}}}\n'
-
-    def parse(self, line: str) -> tuple[str, int | None]:
-        """(key as text, class or None for a failed row) of one complete row."""
-        if self.kind == "csv":
-            fields = next(csv.reader([line]))
-            if len(fields) != len(self.columns):
-                raise ValueError(f"{len(fields)} fields, expected {len(self.columns)}")
-            return fields[0], int(fields[1]) if fields[1] else None
-        record = json.loads(line)
-        klass = record.get("class")
-        return str(record[self.key_name]), None if klass is None else int(klass)
-
-
-def _csv_field(text: str) -> str:
-    if any(c in text for c in ',"\r\n') or text != text.strip():
-        return '"' + text.replace('"', '""') + '"'
-    return text
-
-
-@dataclass
-class Existing:
-    """The complete rows an interrupted run left: how many, their classes (-1 = failed)."""
-
-    rows: int
-    classes: list[int]
-    truncated_bytes: int
-
-
-def read_existing(path: Path, fmt: RowFormat, source: Source) -> Existing:
-    """Check `path` against `source` row by row and cut a half-written last line."""
-    classes: list[int] = []
-    good_end = 0
-    with path.open("rb") as stream:
-        if fmt.kind == "csv":
-            header = stream.readline()
-            if not header.endswith(b"\n"):
-                header = b""  # killed while writing the header: start over
-            elif header.decode() != fmt.header():
-                raise InputFileError(
-                    f"{path}: its header does not match this job's columns; "
-                    "score into a new file, or run without --resume to start over"
-                )
-            good_end = len(header)
-        for raw in stream:
-            if not raw.endswith(b"\n"):
-                break  # the line a killed run was writing
-            index = len(classes)
-            if index >= len(source):
-                raise InputFileError(f"{path}: has more rows than the input has items")
-            try:
-                key, klass = fmt.parse(raw.decode())
-            except (ValueError, KeyError, UnicodeDecodeError) as error:
-                raise InputFileError(f"{path}: row {index} is unreadable ({error})") from None
-            if key != str(source.key(index)):
-                raise InputFileError(
-                    f"{path}: row {index} is for {key!r} but input {index} is "
-                    f"{source.key(index)!r}; was it written from another input?"
-                )
-            classes.append(-1 if klass is None else klass)
-            good_end += len(raw)
-        size = stream.seek(0, os.SEEK_END)
-    if size != good_end:
-        with path.open("r+b") as stream:
-            stream.truncate(good_end)
-    return Existing(len(classes), classes, size - good_end)
-
-
-def replace_rows(path: Path, fmt: RowFormat, new_rows: dict[int, str]) -> None:
-    """Rewrite `path` with some rows replaced (atomically: a kill leaves the old file)."""
-    temporary = path.with_name(path.name + ".partial")
-    with (
-        path.open("r", encoding="utf-8", newline="") as old,
-        temporary.open("w", encoding="utf-8", newline="") as new,
-    ):
-        if fmt.kind == "csv":
-            new.write(old.readline())
-        for index, line in enumerate(old):
-            new.write(new_rows.get(index, line))
-        new.flush()
-        os.fsync(new.fileno())
-    os.replace(temporary, path)
 
 
 # --- the job ------------------------------------------------------------------------------
@@ -477,58 +333,6 @@ async def _run_job(
     )
     rescored = 0 if stopped_early else len(earlier_failures)
     return JobReport(stats, existing.rows, rescored, classes, stopped_early, batch_size)
-
-
-def confusion_matrix(
-    labels: npt.NDArray[np.int64], classes: npt.NDArray[np.int64]
-) -> npt.NDArray[np.int64]:
-    """Counts [true label, predicted class] over the rows that have a prediction."""
-    ok = classes >= 0
-    matrix = np.zeros((NUM_CLASSES, NUM_CLASSES), np.int64)
-    np.add.at(matrix, (labels[ok], classes[ok]), 1)
-    return matrix
-
-
-def write_confusion(matrix: npt.NDArray[np.int64], output: Path) -> list[Path]:
-    """`<output stem>.confusion.csv`, plus a .png when matplotlib is importable."""
-    base = output.with_suffix("")
-    csv_path = base.with_name(base.name + ".confusion.csv")
-    with csv_path.open("w", encoding="utf-8", newline="") as stream:
-        writer = csv.writer(stream, lineterminator="\n")
-        writer.writerow(["label", *(f"predicted_{i}" for i in range(NUM_CLASSES))])
-        for label, row in enumerate(matrix.tolist()):
-            writer.writerow([label, *row])
-    written = [csv_path]
-    png_path = base.with_name(base.name + ".confusion.png")
-    if _plot_confusion(matrix, png_path):
-        written.append(png_path)
-    return written
-
-
-def _plot_confusion(matrix: npt.NDArray[np.int64], path: Path) -> bool:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
-    figure, axes = plt.subplots(figsize=(6, 5.5))
-    axes.imshow(np.log1p(matrix), cmap="Blues")
-    for (row, col), count in np.ndenumerate(matrix):
-        if count:
-            color = "white" if np.log1p(count) > 0.6 * np.log1p(matrix.max()) else "black"
-            axes.text(col, row, str(count), ha="center", va="center", fontsize=7, color=color)
-    axes.set_xticks(range(NUM_CLASSES))
-    axes.set_yticks(range(NUM_CLASSES))
-    axes.set_xlabel("predicted class")
-    axes.set_ylabel("true label")
-    accuracy = np.trace(matrix) / max(1, matrix.sum())
-    axes.set_title(f"Confusion matrix: {matrix.sum()} images, accuracy {accuracy:.4f}")
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
-    return True
 
 
 # --- for callers holding an array (bench) ---------------------------------------------------

@@ -1,0 +1,160 @@
+"""What a scoring job writes, shared by both engines: one row per input with its key,
+class, the class's probability, the 10 probabilities and, where it has none, the error.
+
+The plain engine writes those rows as CSV or JSON Lines (`RowFormat`); the Ray engine
+writes the same columns to Parquet shards (`prediction_table`), with the model version
+and, when the input has them, the labels.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import numpy.typing as npt
+
+from ..codec import NUM_CLASSES
+from ..errors import InputFileError
+from ..inputs import Source
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+    from .pipeline import BatchResult
+
+OUTPUT_FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl"}
+
+
+class RowFormat:
+    """One output row per input: key, class, its probability, the 10 probabilities, error.
+
+    Rows are made with one %-format per row (a few microseconds): at 100k+ images/s the
+    writer, not the server, would otherwise set the pace.
+    """
+
+    def __init__(self, kind: str, key_name: str) -> None:
+        self.kind = kind
+        self.key_name = key_name
+        columns = [key_name, "class", "probability", *(f"p{i}" for i in range(NUM_CLASSES))]
+        self.columns = [*columns, "error"]
+        # %.7g: float32's precision; it also spells valid JSON numbers (0.5, 1e-05).
+        numbers = ["%.7g"] * NUM_CLASSES
+        if kind == "csv":
+            self._template = "%s,%d,%.7g," + ",".join(numbers) + ",\n"
+        else:
+            self._template = (
+                f'{{"{key_name}": %s, "class": %d, "probability": %.7g, "probabilities": ['
+                + ", ".join(numbers)
+                + "]}\n"
+            )
+
+    @staticmethod
+    def for_path(path: Path, key_name: str) -> RowFormat:
+        kind = OUTPUT_FORMATS.get(path.suffix.lower())
+        if kind is None:
+            raise InputFileError(f"{path}: unknown output format; use .csv or .jsonl (JSON Lines)")
+        return RowFormat(kind, key_name)
+
+    def header(self) -> str:
+        return ",".join(self.columns) + "\n" if self.kind == "csv" else ""
+
+    def rows(self, source: Source, result: BatchResult) -> list[str]:
+        """The lines (each ending in a newline) of the result's rows, in order."""
+        keys = [self._key(source.key(i)) for i in range(result.start, result.stop)]
+        lines = [""] * len(keys)
+        if result.prediction is not None:
+            slots = [i - result.start for i in range(result.start, result.stop)
+                     if i not in result.errors]  # fmt: skip
+            prediction = result.prediction
+            for slot, klass, confidence, probabilities in zip(
+                slots,
+                prediction.classes.tolist(),
+                prediction.confidence.tolist(),
+                prediction.probabilities.tolist(),
+                strict=True,
+            ):
+                lines[slot] = self._template % (keys[slot], klass, confidence, *probabilities)
+        for index, error in result.errors.items():
+            lines[index - result.start] = self._failed(keys[index - result.start], error)
+        return lines
+
+    def _key(self, key: str | int) -> str:
+        if isinstance(key, int):
+            return str(key)
+        return _csv_field(key) if self.kind == "csv" else json.dumps(key)
+
+    def _failed(self, key: str, error: str) -> str:
+        error = " ".join(error.split())  # one row, one line
+        if self.kind == "csv":
+            return f"{key}{',' * (NUM_CLASSES + 2)},{_csv_field(error)}\n"
+        return f'{{"{self.key_name}": {key}, "error": {json.dumps(error)}}}\n'
+
+    def parse(self, line: str) -> tuple[str, int | None]:
+        """(key as text, class or None for a failed row) of one complete row."""
+        if self.kind == "csv":
+            fields = next(csv.reader([line]))
+            if len(fields) != len(self.columns):
+                raise ValueError(f"{len(fields)} fields, expected {len(self.columns)}")
+            return fields[0], int(fields[1]) if fields[1] else None
+        record = json.loads(line)
+        klass = record.get("class")
+        return str(record[self.key_name]), None if klass is None else int(klass)
+
+
+def _csv_field(text: str) -> str:
+    if any(c in text for c in ',"\r\n') or text != text.strip():
+        return '"' + text.replace('"', '""') + '"'
+    return text
+
+
+# --- Parquet (the Ray engine) --------------------------------------------------------------
+
+
+def prediction_schema(with_labels: bool) -> pa.Schema:
+    """The columns of a Parquet output shard; pyarrow is imported only here (the extra)."""
+    import pyarrow as pa
+
+    fields = [
+        pa.field("key", pa.string(), nullable=False),
+        pa.field("class", pa.int64()),
+        pa.field("probability", pa.float32()),
+        pa.field("probabilities", pa.list_(pa.float32(), NUM_CLASSES)),
+        pa.field("model_version", pa.int64(), nullable=False),
+    ]
+    if with_labels:
+        fields.append(pa.field("label", pa.int64()))
+    fields.append(pa.field("error", pa.string()))
+    return pa.schema(fields)
+
+
+def prediction_table(
+    keys: Sequence[str],
+    classes: npt.NDArray[np.int64],
+    probabilities: npt.NDArray[np.float32],
+    model_version: int,
+    labels: npt.NDArray[np.int64] | None,
+    errors: dict[int, str],
+) -> pa.Table:
+    """One shard's rows: `classes` -1 and `probabilities` NaN where a row has an error."""
+    import pyarrow as pa
+
+    count = len(keys)
+    failed = np.zeros(count, bool)
+    failed[list(errors)] = True
+    confidence = np.take_along_axis(probabilities, np.maximum(classes, 0)[:, None], axis=1)[:, 0]
+    flat = pa.array(probabilities.astype(np.float32, copy=False).reshape(-1))
+    columns: list[pa.Array] = [
+        pa.array(keys, pa.string()),
+        pa.array(classes, pa.int64(), mask=failed),
+        pa.array(confidence.astype(np.float32), pa.float32(), mask=failed),
+        pa.FixedSizeListArray.from_arrays(flat, NUM_CLASSES, mask=pa.array(failed)),
+        pa.array(np.full(count, model_version, np.int64)),
+    ]
+    if labels is not None:
+        columns.append(pa.array(labels, pa.int64()))
+    columns.append(pa.array([errors.get(i) for i in range(count)], pa.string()))
+    return pa.Table.from_arrays(columns, schema=prediction_schema(labels is not None))

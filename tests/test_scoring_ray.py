@@ -1,0 +1,447 @@
+"""The Ray Data scoring engine (`mnist-client score --engine ray`) on a local Ray instance
+against real servers: every row exactly once, through a killed driver and a killed worker.
+
+One Ray instance serves the whole module (2 CPUs); CLI runs in subprocesses join it with
+--address, as a driver joins a cluster.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mnist_serving.client.__main__ import main
+from mnist_serving.client.scoring import score
+from mnist_serving.client.scoring.ray import RayJobReport, RayJobSettings, run_ray_job
+from mnist_serving.client.scoring.shards import (
+    ReadOptions,
+    list_shards,
+    npz_to_parquet,
+    read_shard,
+)
+
+from .fake_server import expected, running_fake_server
+from .support import ServerProcess
+
+ray = pytest.importorskip(
+    "ray", reason='the Ray engine needs the ray extra: pip install "mnist-serving[ray]"'
+)
+pa = pytest.importorskip("pyarrow")
+pq = pytest.importorskip("pyarrow.parquet")
+
+WAIT = 120  # seconds: generous bounds on waits that end on an event, never on timing
+
+
+@pytest.fixture(scope="module")
+def ray_address() -> Iterator[str]:
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        log_to_driver=False,
+        object_store_memory=200 << 20,
+        logging_level="ERROR",
+    )
+    try:
+        yield str(ray.get_runtime_context().gcs_address)
+    finally:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def mnist_arrays(mnist_path: Path) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """The 70k MNIST images (train, then test), their keys and labels."""
+    with np.load(mnist_path) as data:
+        images = np.concatenate([data["x_train"], data["x_test"]])
+        labels = np.concatenate([data["y_train"], data["y_test"]]).astype(np.int64)
+        keys = [f"train/{i}" for i in range(len(data["x_train"]))]
+        keys += [f"test/{i}" for i in range(len(data["x_test"]))]
+    return keys, images, labels
+
+
+@pytest.fixture(scope="module")
+def eight_shards(mnist_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("shards8")
+    npz_to_parquet(str(mnist_path), str(folder), shards=8)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def scored_eight(
+    ray_address: str,
+    served_trained: ServerProcess,
+    eight_shards: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> tuple[RayJobReport, Path]:
+    """One uninterrupted job over the eight shards: the reference the other runs match."""
+    output = tmp_path_factory.mktemp("scored8")
+    settings = job(served_trained.target, actors=2)
+    return run_ray_job(settings, [str(eight_shards)], str(output)), output
+
+
+def read_output(folder: Path) -> dict[str, np.ndarray]:
+    """The output folder as one table (pyarrow skips _job.json and the _scores files)."""
+    table = pq.read_table(folder).sort_by("key")
+    columns: dict[str, np.ndarray] = {
+        name: table.column(name).to_numpy(zero_copy_only=False) for name in table.column_names
+    }
+    empty = np.full(10, np.nan, np.float32)
+    columns["probabilities"] = np.stack(
+        [empty if p is None else p for p in columns["probabilities"]]
+    )
+    return columns
+
+
+def committed(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.glob("*.parquet"))
+
+
+def wait_for(condition: Callable[[], bool], what: str) -> None:
+    deadline = time.monotonic() + WAIT
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"gave up waiting for {what}")
+        time.sleep(0.02)
+
+
+def cli_process(*args: object, temporary: Path) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "mnist_serving.client", *map(str, args)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "TMPDIR": str(temporary)},  # where Ray's log goes
+    )
+
+
+@pytest.fixture(autouse=True)
+def _temporary_files_in_tmp_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CLI's Ray log (kept when a job fails) lands in the test's own folder."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+
+
+def job(target: str | tuple[str, ...], **options: object) -> RayJobSettings:
+    targets = (target,) if isinstance(target, str) else target
+    return RayJobSettings(targets=targets, progress=False, **options)  # type: ignore[arg-type]
+
+
+# --- reading shards (pyarrow only) ----------------------------------------------------------
+
+
+def test_shard_formats(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (5, 28, 28), dtype=np.uint8)
+    flat = images.reshape(5, -1)
+    tables = {
+        "binary": pa.table({"image": pa.array([r.tobytes() for r in flat], pa.binary())}),
+        "fixed": pa.table({"image": pa.array([r.tobytes() for r in flat], pa.binary(784))}),
+        "list": pa.table(
+            {"image": pa.array(flat.tolist(), pa.list_(pa.uint8())), "label": [1] * 5}
+        ),
+        "floats": pa.table({"image": pa.array((flat / 255).tolist(), pa.list_(pa.float32()))}),
+    }
+    for name, table in tables.items():
+        pq.write_table(table, tmp_path / f"{name}.parquet")
+    np.save(tmp_path / "a.npy", images)
+    np.savez(tmp_path / "b.npz", x_test=images, y_test=np.arange(5))
+    shards = list_shards([str(tmp_path)])
+    assert [s.kind for s in shards] == ["npy", "npz", "parquet", "parquet", "parquet", "parquet"]
+    assert [s.output for s in shards][:3] == [
+        "00000-a.parquet",
+        "00001-b.parquet",
+        "00002-binary.parquet",
+    ]
+    for shard in shards:
+        data = read_shard(shard, ReadOptions())
+        pixels = data.images.reshape(5, -1)
+        if data.images.dtype == np.float32:
+            pixels = np.rint(pixels * 255).astype(np.uint8)
+        np.testing.assert_array_equal(pixels, flat, err_msg=shard.uri)
+        assert data.keys[0] == f"{shard.uri}#0"
+    assert read_shard(shards[1], ReadOptions()).labels.tolist() == [0, 1, 2, 3, 4]  # type: ignore[union-attr]
+    assert read_shard(shards[5], ReadOptions()).labels.tolist() == [1] * 5  # type: ignore[union-attr]
+    (tmp_path / "empty").mkdir()
+    pq.write_table(pa.table({"image": pa.array([], pa.binary())}), tmp_path / "empty" / "e.parquet")
+    empty = read_shard(list_shards([str(tmp_path / "empty")])[0], ReadOptions())
+    assert empty.keys == []
+    assert empty.images.shape == (0, 784)
+
+
+def test_importing_the_engine_needs_neither_ray_nor_pyarrow() -> None:
+    code = (
+        "import sys, mnist_serving.client.__main__, mnist_serving.client.scoring.ray;"
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('ray', 'pyarrow'));"
+        "assert not bad, bad"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
+# --- the job ----------------------------------------------------------------------------------
+
+
+def test_70k_rows_each_once_with_the_plain_scorers_accuracy(
+    served_trained: ServerProcess,
+    scored_eight: tuple[RayJobReport, Path],
+    mnist_arrays: tuple[list[str], np.ndarray, np.ndarray],
+) -> None:
+    keys, images, labels = mnist_arrays
+    report, output = scored_eight
+    assert not report.failed_shards
+    assert report.failed_rows == 0
+    assert report.rows == 70_000
+    assert len(report.scored) == 8
+    assert report.model_version == 1
+
+    out = read_output(output)
+    assert len(out["key"]) == 70_000
+    assert len(set(out["key"])) == 70_000  # each key exactly once
+    order = np.argsort(keys)
+    np.testing.assert_array_equal(out["key"], np.array(keys)[order])
+    np.testing.assert_array_equal(out["label"], labels[order])
+    assert set(out["model_version"]) == {1}
+    assert all(e is None for e in out["error"])
+
+    plain = score(served_trained.target, images)
+    assert plain.failed == 0
+    ray_accuracy = float((out["class"] == out["label"]).mean())
+    plain_accuracy = float((plain.classes == labels).mean())
+    assert ray_accuracy == plain_accuracy
+    assert ray_accuracy > 0.95
+    assert plain.probabilities is not None
+    np.testing.assert_allclose(out["probabilities"], plain.probabilities[order], atol=1e-5)
+    confusion = report.confusion
+    assert confusion is not None
+    assert confusion.sum() == 70_000
+    assert np.trace(confusion) == round(ray_accuracy * 70_000)
+
+
+def test_driver_killed_and_rerun_ends_with_the_uninterrupted_output(
+    ray_address: str,
+    served_trained: ServerProcess,
+    eight_shards: Path,
+    scored_eight: tuple[RayJobReport, Path],
+    tmp_path: Path,
+) -> None:
+    whole, killed = scored_eight[1], tmp_path / "killed"
+    args = ["score", "--engine", "ray", "--target", served_trained.target, "--address",
+            ray_address, "--input", eight_shards, "--output", killed, "--actors", "1",
+            "--no-progress"]  # fmt: skip
+    driver = cli_process(*args, temporary=tmp_path)
+    server = served_trained.process
+    try:
+        wait_for(lambda: bool(committed(killed)) or driver.poll() is not None, "a first shard")
+        assert driver.poll() is None, driver.communicate()
+        # With the server paused no further shard can finish: the kill lands mid-job.
+        server.send_signal(signal.SIGSTOP)
+        driver.send_signal(signal.SIGKILL)
+        driver.communicate()
+        done_at_kill = committed(killed)
+    finally:
+        server.send_signal(signal.SIGCONT)
+    assert 1 <= len(done_at_kill) < 8
+
+    rerun = cli_process(*args, temporary=tmp_path)
+    stdout, stderr = rerun.communicate(timeout=WAIT * 2)
+    assert rerun.returncode == 0, stdout + stderr
+    assert f"kept {len(done_at_kill)} shards" in stdout
+    assert f"scored {70_000 - 8750 * len(done_at_kill)} images in " in stdout
+    assert "accuracy 0.9" in stdout
+    assert "WARNING" not in stderr, stderr
+    assert "core_worker" not in stderr, stderr
+    assert not [p for p in killed.iterdir() if p.name.startswith(".")]  # no temporaries left
+
+    assert committed(killed) == committed(whole)
+    a, b = read_output(whole), read_output(killed)
+    assert len(set(b["key"])) == len(b["key"]) == 70_000
+    for name in ("key", "class", "label", "model_version"):
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+    np.testing.assert_allclose(a["probabilities"], b["probabilities"], atol=1e-5)
+
+    again = cli_process(*args, temporary=tmp_path)
+    stdout, _ = again.communicate(timeout=WAIT * 2)
+    assert again.returncode == 0
+    assert "nothing left to score" in stdout
+    assert "kept 8 shards (70000 rows)" in stdout
+
+
+def writer_pid(shard: Path) -> int:
+    """The pid of the actor that wrote `shard` (from the counts in its footer)."""
+    counts = json.loads(pq.read_metadata(shard).metadata[b"mnist_serving"])
+    return int(counts["worker"].rsplit(":", 1)[1])
+
+
+def test_a_killed_worker_is_replaced_and_no_row_is_lost_or_doubled(
+    ray_address: str, served_trained: ServerProcess, eight_shards: Path, tmp_path: Path
+) -> None:
+    settings = job(served_trained.target, actors=1)
+    reports: list[RayJobReport] = []
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            reports.append(run_ray_job(settings, [str(eight_shards)], str(tmp_path)))
+        except BaseException as error:
+            errors.append(error)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    server = served_trained.process
+    try:
+        wait_for(lambda: bool(committed(tmp_path)) or not thread.is_alive(), "a first shard")
+        server.send_signal(signal.SIGSTOP)  # the worker is now stuck inside a shard
+        worker = writer_pid(tmp_path / committed(tmp_path)[0])
+        os.kill(worker, signal.SIGKILL)
+    finally:
+        server.send_signal(signal.SIGCONT)
+    thread.join(WAIT * 2)
+    assert not thread.is_alive()
+    assert not errors, errors
+    report = reports[0]
+    assert not report.failed_shards, [o.error for o in report.failed_shards]
+    assert report.rows == 70_000
+    out = read_output(tmp_path)
+    assert len(set(out["key"])) == len(out["key"]) == 70_000
+    writers = {writer_pid(tmp_path / name) for name in committed(tmp_path)}
+    assert worker in writers
+    assert len(writers) == 2
+
+
+def test_bad_shards_fail_alone_with_a_clear_message(
+    ray_address: str,
+    served_trained: ServerProcess,
+    mnist_path: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    with np.load(mnist_path) as data:
+        np.savez(inputs / "good.npz", x_test=data["x_test"][:300], y_test=data["y_test"][:300])
+    (inputs / "corrupt.parquet").write_bytes(b"PAR1 this is not a parquet file")
+    pq.write_table(pa.table({"image": pa.array(range(3), pa.int64())}), inputs / "ints.parquet")
+    pq.write_table(pa.table({"pixels": [b"x"]}), inputs / "nocolumn.parquet")
+    np.save(inputs / "shape.npy", np.zeros((4, 27, 27), np.uint8))
+    out = tmp_path / "out"
+    code = main(["score", "--engine", "ray", "--target", served_trained.target, "--input",
+                 str(inputs), "--output", str(out), "--no-progress"])  # fmt: skip
+    stdout, stderr = capsys.readouterr()
+    assert code == 1
+    assert "scored 300 images in 1 shards" in stdout
+    assert "0 failed rows, 4 failed shards" in stdout
+    assert "accuracy 0.9" in stdout
+    lines = stderr.strip().splitlines()
+    assert len([line for line in lines if " failed: " in line]) == 4, stderr
+    assert "corrupt.parquet: not a readable Parquet file" in stderr
+    assert "ints.parquet: column 'image' is int64; expected 784 bytes per image" in stderr
+    assert "nocolumn.parquet: no column 'image' (columns: pixels)" in stderr
+    assert "shape.npy: images must have shape [N, 28, 28]" in stderr
+    assert committed(out) == ["00001-good.parquet"]
+
+
+def test_unreadable_images_fail_their_rows(
+    ray_address: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from PIL import Image
+
+    from mnist_serving.client.images import read_image
+
+    files = []
+    for index in range(4):
+        digit = np.zeros((28, 28), np.uint8)
+        digit[6 + index : 22, 9 : 19 - index] = 255  # white ink on black, as MNIST
+        files.append(tmp_path / "in" / str(index) / "d.png")
+        files[-1].parent.mkdir(parents=True)
+        Image.fromarray(digit).save(files[-1])
+    (tmp_path / "in" / "3" / "broken.png").write_bytes(b"not a png")
+    digits = np.stack([read_image(f) for f in files])
+    with running_fake_server() as fake:
+        code = main(["score", "--engine", "ray", "--target", fake.target, "--input",
+                     str(tmp_path / "in"), "--output", str(tmp_path / "out"),
+                     "--images-per-shard", "3", "--no-progress"])  # fmt: skip
+    stdout, stderr = capsys.readouterr()
+    assert code == 1, stderr
+    assert "scored 5 images in 2 shards" in stdout
+    assert "1 failed rows" in stdout
+    out = read_output(tmp_path / "out")
+    assert out["key"].tolist() == ["0/d.png", "1/d.png", "2/d.png", "3/broken.png", "3/d.png"]
+    assert "not a readable image" in out["error"][3]
+    good = [0, 1, 2, 4]
+    np.testing.assert_array_equal(out["class"][good], expected(digits)[1])
+    np.testing.assert_array_equal(out["label"], [0, 1, 2, 3, 3])
+
+
+def test_several_targets_share_the_calls_and_one_version_is_pinned(
+    ray_address: str, tmp_path: Path
+) -> None:
+    rng = np.random.default_rng(2)
+    images = rng.integers(0, 256, (4000, 28, 28), dtype=np.uint8)
+    for part in range(4):
+        np.save(tmp_path / f"{part}.npy", images[part * 1000 : (part + 1) * 1000])
+    with running_fake_server() as one, running_fake_server() as two:
+        settings = job((one.target, two.target), actors=1, batch_size=100, concurrency=2)
+        # file:// URIs take the same path as s3:// or gs:// ones (pyarrow's from_uri).
+        inputs = [f"file://{tmp_path}/{p}.npy" for p in range(4)]
+        report = run_ray_job(settings, inputs, f"file://{tmp_path}/out")
+        calls = [one.service.predict_calls(), two.service.predict_calls()]
+    assert report.rows == 4000
+    assert report.model_version == 2
+    assert len(calls[0]) == len(calls[1]) == 20
+    assert {c.version for c in calls[0] + calls[1]} == {2}
+    out = pq.read_table(tmp_path / "out")
+    assert out.num_rows == 4000
+    assert set(out.column("model_version").to_pylist()) == {2}
+    assert "label" not in out.column_names
+    by_key = dict(zip(out.column("key").to_pylist(), out.column("class").to_pylist(), strict=True))
+    classes = expected(images)[1]
+    for part in range(4):
+        uri = f"file://{tmp_path}/{part}.npy"
+        assert [by_key[f"{uri}#{i}"] for i in range(1000)] == classes[
+            part * 1000 : (part + 1) * 1000
+        ].tolist()
+
+
+def test_a_job_keeps_its_model_version(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    np.save(tmp_path / "a.npy", np.zeros((10, 28, 28), np.uint8))
+    with running_fake_server() as fake:
+        base = ["score", "--engine", "ray", "--target", fake.target, "--no-progress",
+                "--input", str(tmp_path / "a.npy"), "--output", str(tmp_path / "out")]  # fmt: skip
+        assert main([*base, "--model-version", "9"]) == 1
+        assert "model version 9 is not served" in capsys.readouterr().err
+        (tmp_path / "out" / "_job.json").write_text(
+            '{"model_version": 1, "shards": [{"uri": "%s", "output": "00000-a.parquet"}]}'
+            % (tmp_path / "a.npy")
+        )
+        assert main([*base, "--model-version", "2"]) == 2
+        assert "was started with model version 1, not 2" in capsys.readouterr().err
+
+
+def test_to_parquet_writes_the_readmes_shards(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    images = np.arange(7 * 784, dtype=np.int64).reshape(7, 28, 28) % 256
+    np.savez(tmp_path / "m.npz", x_train=images[:4].astype(np.uint8), y_train=np.arange(4),
+             x_test=images[4:].astype(np.uint8), y_test=np.arange(3))  # fmt: skip
+    code = main(["to-parquet", "--input", str(tmp_path / "m.npz"), "--output",
+                 str(tmp_path / "shards"), "--shards", "2"])  # fmt: skip
+    assert code == 0
+    assert "wrote 2 Parquet shards" in capsys.readouterr().out
+    table = pq.read_table(tmp_path / "shards")
+    keys = ["train/0", "train/1", "train/2", "train/3", "test/0", "test/1", "test/2"]
+    assert table.column("key").to_pylist() == keys
+    assert table.column("label").to_pylist() == [0, 1, 2, 3, 0, 1, 2]
+    data = read_shard(list_shards([str(tmp_path / "shards")])[0], ReadOptions())
+    np.testing.assert_array_equal(data.images.reshape(-1, 28, 28), images[: len(data.keys)])
+    assert main(["to-parquet", "--input", str(tmp_path / "m.npz"), "--output",
+                 str(tmp_path / "x"), "--splits", "valid"]) == 2  # fmt: skip
+    assert "no x_valid" in capsys.readouterr().err
