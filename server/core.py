@@ -31,6 +31,7 @@ class VersionReport:
     report: dict[str, Any]  # the trainer's metrics.json
     # Signature name -> the SavedModel's SignatureDef proto, passed through untouched.
     signature_defs: Mapping[str, Any] = field(default_factory=dict)
+    runtime: str = ""  # "litert" or "tensorflow"
 
 
 class InferenceCore:
@@ -63,6 +64,6 @@ class InferenceCore:
         """Loaded versions, newest first, with the training report of each."""
         self.registry.resolve(model_name, 0)  # NOT_FOUND for another model's name
         return [
-            VersionReport(s.version, s.model.report, s.model.signature_defs)
+            VersionReport(s.version, s.model.report, s.model.signature_defs, s.model.runtime)
             for s in self.registry.served
         ]

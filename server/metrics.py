@@ -61,8 +61,8 @@ PREDICTED_CLASS = Counter(
     namespace=NAMESPACE,
 )  # fmt: skip
 MODEL_VERSION = Gauge(
-    "model_version_info", "1 for each loaded model version.", ["name", "version"],
-    namespace=NAMESPACE,
+    "model_version_info", "1 for each loaded model version, with the runtime that serves it.",
+    ["name", "version", "runtime"], namespace=NAMESPACE,
 )  # fmt: skip
 MODEL_LOAD_SECONDS = Gauge(
     "model_load_seconds", "Time it took to load and warm up a version.", ["version"],
@@ -77,6 +77,9 @@ _CLASS_CHILDREN = [PREDICTED_CLASS.labels(label) for label in _CLASS_LABELS]
 
 
 def count_classes(classes: np.ndarray) -> None:
+    if len(classes) == 1:  # the common single-image call: no bincount
+        _CLASS_CHILDREN[int(classes[0])].inc()
+        return
     for child, count in zip(_CLASS_CHILDREN, np.bincount(classes, minlength=10), strict=False):
         if count:
             child.inc(int(count))

@@ -61,9 +61,14 @@ class Settings(BaseSettings):
     grace_period: float = Field(
         10.0, ge=0, description="seconds in-flight calls get to finish on SIGTERM"
     )
+    runtime: Literal["auto", "litert", "tensorflow"] = Field(
+        "auto",
+        description="what runs a version: auto (its LiteRT twin when it has one, else "
+        "TensorFlow), litert (twins only), tensorflow (the SavedModel, always)",
+    )
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     verbose_tensorflow: bool = Field(
-        False, description="let TensorFlow print its start-up logs (CUDA, oneDNN)"
+        False, description="let TensorFlow and LiteRT print their start-up logs (CUDA, XNNPACK)"
     )
 
     @model_validator(mode="after")

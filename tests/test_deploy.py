@@ -60,7 +60,7 @@ METRICS: dict[str, tuple[str, frozenset[str]]] = {
     "mnist_batch_size_images": ("histogram", frozenset()),
     "mnist_requests_in_flight": ("gauge", frozenset()),
     "mnist_batch_queue_depth": ("gauge", frozenset()),
-    "mnist_model_version_info": ("gauge", frozenset({"name", "version"})),
+    "mnist_model_version_info": ("gauge", frozenset({"name", "version", "runtime"})),
     "mnist_model_load_seconds": ("gauge", frozenset({"version"})),
     "mnist_model_load_failures_total": ("counter", frozenset()),
     "mnist_predicted_class_total": ("counter", frozenset({"class"})),

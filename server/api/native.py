@@ -74,6 +74,7 @@ class MnistServicer:
                     test_loss=float(v.report.get("test_loss") or 0.0),
                     trained_at=str(v.report.get("trained_at") or ""),
                     architecture=str(v.report.get("architecture") or ""),
+                    runtime=v.runtime,
                 )
                 for v in versions
             ],
