@@ -46,14 +46,18 @@ def probe(
 
 def check_twin_agrees(version_dir: Path, images: npt.NDArray[np.uint8], tmp_path: Path) -> None:
     """The twin, loaded without TensorFlow in a fresh process, gives the SavedModel's answers
-    (itself loaded in another fresh process): identical classes, probabilities within 1e-6."""
+    (itself loaded in another fresh process): identical classes, probabilities within the
+    trainer's TWIN_TOLERANCE."""
     saved = probe(version_dir, images, tmp_path / "savedmodel")
     twin = probe(version_dir, images, tmp_path / "twin", script=TWIN_PROBE)
     assert twin["modules"] == {"tensorflow": []}
     for prefix in ("uint8", "float"):
         np.testing.assert_array_equal(twin[f"{prefix}_classes"], saved[f"{prefix}_classes"])
         np.testing.assert_allclose(
-            twin[f"{prefix}_probabilities"], saved[f"{prefix}_probabilities"], rtol=0, atol=1e-6
+            twin[f"{prefix}_probabilities"],
+            saved[f"{prefix}_probabilities"],
+            rtol=0,
+            atol=export.TWIN_TOLERANCE,
         )
 
 
@@ -147,7 +151,7 @@ def test_a_default_training_run_publishes_a_verified_twin(
     assert twin["check_source"] == "test images"
     assert twin["classes_identical"] is True
     assert twin["classes_agreement"] == 1.0
-    assert 0 <= twin["max_abs_difference"] <= 1e-6
+    assert 0 <= twin["max_abs_difference"] <= export.TWIN_TOLERANCE
     assert set(twin["signatures"]) == {"serving_default", "serving_float"}
     with np.load(mnist_path) as data:
         images = data["x_test"]
