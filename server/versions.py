@@ -45,7 +45,8 @@ class ServedVersion:
 
     model: Model
     executor: Executor
-    batchers: dict[str, Batcher] = field(default_factory=dict)
+    # Keyed by np.dtype, not its name: dtype.name is computed in Python on every access.
+    batchers: dict[np.dtype, Batcher] = field(default_factory=dict)
     _in_flight: int = field(default=0, init=False)
     _idle: asyncio.Event = field(default_factory=asyncio.Event, init=False)
 
@@ -66,7 +67,7 @@ class ServedVersion:
         self._in_flight += 1
         self._idle.clear()
         try:
-            batcher = self.batchers.get(images.dtype.name)
+            batcher = self.batchers.get(images.dtype)
             if batcher is not None:
                 return await batcher.submit(images, deadline)
             check_deadline(deadline)
@@ -281,7 +282,7 @@ class ModelRegistry:
         served = ServedVersion(model, self._inference)
         if self.settings.batching:
             for dtype in SIGNATURES:
-                served.batchers[dtype] = Batcher(
+                served.batchers[np.dtype(dtype)] = Batcher(
                     model.predict,
                     self._inference,
                     max_batch_size=self.settings.max_batch_size,

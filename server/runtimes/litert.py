@@ -75,12 +75,13 @@ class _Signature:
 
 
 class _Runner:
-    """An interpreter and its two signatures, by input dtype name."""
+    """An interpreter and its two signatures, by input dtype (np.dtype keys: dtype.name is
+    computed in Python on every access)."""
 
     def __init__(self, flatbuffer: bytes, threads: int) -> None:
         self.interpreter = Interpreter(model_content=flatbuffer, num_threads=threads)
         self.signatures = {
-            dtype: _Signature(self.interpreter, key) for dtype, key in SIGNATURES.items()
+            np.dtype(dtype): _Signature(self.interpreter, key) for dtype, key in SIGNATURES.items()
         }
 
 
@@ -110,7 +111,7 @@ class TwinModel:
                 raise RuntimeError(f"version {self.version} was released") from None
             runner = _Runner(self._flatbuffer, 1 if small else BULK_THREADS)
         try:
-            signature = runner.signatures.get(images.dtype.name)
+            signature = runner.signatures.get(images.dtype)
             if signature is None:
                 raise InvalidInput(f"no signature takes {images.dtype.name} images")
             return signature(images)
