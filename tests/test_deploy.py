@@ -505,8 +505,10 @@ def test_lock_pins_every_package(role: str) -> None:
         assert [s.operator for s in specifiers] == ["=="], str(requirement)
 
 
-def test_client_lock_has_no_tensorflow() -> None:
-    names = {canonicalize_name(r.name) for r in lock_requirements("client")}
+@pytest.mark.parametrize("role", ["client", "server"])
+def test_lock_has_no_tensorflow(role: str) -> None:
+    """The client never needs TensorFlow; the server image is the lean install (LiteRT)."""
+    names = {canonicalize_name(r.name) for r in lock_requirements(role)}
     assert not names & TENSORFLOW_PACKAGES, names & TENSORFLOW_PACKAGES
 
 
