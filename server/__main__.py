@@ -39,7 +39,7 @@ async def serve(settings: Settings) -> bool:
         "starting",
         extra={"model_dir": str(settings.model_dir), "model": settings.model_name},
     )
-    from .app import ModelServer  # imports TensorFlow: after the settings are known good
+    from .app import ModelServer  # imports grpc, numpy: after the settings are known good
 
     server = ModelServer(settings)
     loop = asyncio.get_running_loop()

@@ -301,3 +301,19 @@ def test_a_lean_server_never_imports_tensorflow(tiny_model_dir: Path, tmp_path: 
         tfserving(server, images(1))
         assert server.stop() == 0
     assert json.loads(report.read_text()) == []
+
+
+def test_a_broken_twin_is_refused_with_its_path_and_the_others_keep_serving(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    model_dir = tmp_path / "mnist"
+    shutil.copytree(tiny_model_dir / "1", model_dir / "1")
+    shutil.copytree(tiny_model_dir / "1", model_dir / "2")
+    (model_dir / "2" / TWIN).write_bytes(b"not a flatbuffer")
+    with ServerProcess(model_dir, "--poll-interval", "0", "--version-policy", "all") as server:
+        assert runtimes(server) == {1: "litert"}
+        native(server, images(1))
+    failed = [line for line in server.log_lines if "failed to load" in line]
+    assert len(failed) == 1, server.log
+    assert "version=2 " in failed[0]
+    assert str(model_dir / "2" / TWIN) in failed[0]

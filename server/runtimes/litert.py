@@ -43,6 +43,7 @@ BULK_THREADS = max(1, min(2, os.cpu_count() or 1))
 _DTYPES = {"uint8": np.dtype(np.uint8), "float32": np.dtype(np.float32)}
 # LiteRT's C++ side prints this once per process on the first allocation; it is not news.
 _DELEGATE_LINE = "INFO: Created TensorFlow Lite XNNPACK delegate for CPU."
+_announced = False  # that line is behind us: later loads need not catch stderr
 
 
 class _Signature:
@@ -131,39 +132,47 @@ def import_runtime(verbose: bool = False) -> None:
 
 def load_model(path: Path, name: str, version: int, verbose: bool = False) -> TwinModel:
     """Load <path>/model.tflite, check its signatures against the contract, warm it up."""
+    global _announced
     started = time.perf_counter()
     flatbuffer = (path / TWIN).read_bytes()
-    with captured_stderr(not verbose) as log:
-        model = TwinModel(
-            name,
-            version,
-            path,
-            0.0,
-            read_report(path),
-            read_signature_defs(path),
-            _flatbuffer=flatbuffer,
-        )
-        try:
-            small, bulk = _Runner(flatbuffer, 1), _Runner(flatbuffer, BULK_THREADS)
-            _check_signatures(small.interpreter, path)
-            model._small.append(small)
-            model._bulk.append(bulk)
-            for dtype in SIGNATURES:
-                # The first calls allocate and set XNNPACK up; pay for them before traffic.
-                for count in (1, model.inline_max_images + 1):
-                    result = model.predict(np.zeros((count, 28, 28), dtype=dtype))
-                    if result.probabilities.shape != (count, NUM_CLASSES):
-                        raise ValueError(
-                            f"{path / TWIN} returns probabilities {result.probabilities.shape}"
-                        )
-        except ValueError as error:
-            raise ValueError(f"{path / TWIN}: {error}") from None
-    _pass_on(log[0] if log else "")
+    model = TwinModel(
+        name,
+        version,
+        path,
+        0.0,
+        read_report(path),
+        read_signature_defs(path),
+        _flatbuffer=flatbuffer,
+    )
+    # Catching fd 2 also catches other threads' log lines meanwhile; _pass_on writes them
+    # back, whatever happens. Only the first load in a process needs it.
+    log: list[str] = []
+    try:
+        with captured_stderr(not verbose and not _announced) as log:
+            _warm_up(model, flatbuffer)
+    except ValueError as error:  # a flatbuffer that is not a twin of this contract
+        raise ValueError(f"{path / TWIN}: {error}") from None
+    finally:
+        _pass_on(log[0] if log else "")
+    _announced = True
     model.load_seconds = time.perf_counter() - started
     return model
 
 
-def _check_signatures(interpreter: Interpreter, path: Path) -> None:
+def _warm_up(model: TwinModel, flatbuffer: bytes) -> None:
+    small, bulk = _Runner(flatbuffer, 1), _Runner(flatbuffer, BULK_THREADS)
+    _check_signatures(small.interpreter)
+    model._small.append(small)
+    model._bulk.append(bulk)
+    for dtype in SIGNATURES:
+        # The first calls allocate and set XNNPACK up; pay for them before traffic.
+        for count in (1, model.inline_max_images + 1):
+            result = model.predict(np.zeros((count, 28, 28), dtype=dtype))
+            if result.probabilities.shape != (count, NUM_CLASSES):
+                raise ValueError(f"it returns probabilities {result.probabilities.shape}")
+
+
+def _check_signatures(interpreter: Interpreter) -> None:
     found = interpreter.get_signature_list()
     for dtype, key in SIGNATURES.items():
         if key not in found:
