@@ -15,7 +15,7 @@ import contextlib
 import os
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from types import ModuleType
 
 
@@ -41,15 +41,26 @@ def captured_stderr(enabled: bool = True) -> Iterator[list[str]]:
             captured.append(sink.read().decode(errors="replace"))
 
 
-def import_tensorflow(verbose: bool = False) -> ModuleType:
+def import_tensorflow(
+    verbose: bool = False, keep: Callable[[str], bool] | None = None
+) -> ModuleType:
+    """`import tensorflow`, quietly unless `verbose`. Lines that other threads write to
+    stderr meanwhile are caught too: those for which `keep(line)` holds are written back."""
     if "tensorflow" in sys.modules or verbose:
         import tensorflow
 
         module: ModuleType = tensorflow
         return module
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    with captured_stderr():
-        import tensorflow
+    log: list[str] = []
+    try:
+        with captured_stderr() as log:
+            import tensorflow
+    finally:
+        kept = [line for line in "".join(log).splitlines(True) if keep and keep(line)]
+        if kept:
+            sys.stderr.write("".join(kept))
+            sys.stderr.flush()
     tensorflow.get_logger().setLevel("ERROR")
     quiet: ModuleType = tensorflow
     return quiet

@@ -317,3 +317,20 @@ def test_a_broken_twin_is_refused_with_its_path_and_the_others_keep_serving(
     assert len(failed) == 1, server.log
     assert "version=2 " in failed[0]
     assert str(model_dir / "2" / TWIN) in failed[0]
+
+
+def test_auto_imports_tensorflow_only_when_a_version_needs_it_and_keeps_logging(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    model_dir = tmp_path / "mnist"
+    shutil.copytree(tiny_model_dir / "1", model_dir / "1")
+    with ServerProcess(model_dir, "--poll-interval", "0.2") as server:
+        assert runtimes(server) == {1: "litert"}
+        without_twin(tiny_model_dir / "1", model_dir / "2")  # TensorFlow is imported now
+        wait_for(lambda: runtimes(server) == {2: "tensorflow"})
+        native(server, images(2))
+    loaded = [line for line in server.log_lines if "version loaded" in line]
+    assert ["runtime=litert" in loaded[0], "runtime=tensorflow" in loaded[1]] == [True, True]
+    # TensorFlow was imported while serving, quietly: its start-up noise is not in the log.
+    assert any("version=2" in line and "loading version" in line for line in server.log_lines)
+    assert not any("oneDNN" in line or "cuda" in line.lower() for line in server.log_lines)

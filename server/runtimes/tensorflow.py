@@ -56,13 +56,18 @@ class LoadedModel:
 
 
 def import_runtime(verbose: bool = False) -> None:
-    """Import TensorFlow now (a few seconds, once per process), without loading a model."""
-    import_tensorflow(verbose)
+    """Import TensorFlow now (a few seconds, once per process), without loading a model.
+
+    Under --runtime auto this can happen while the server serves (the first version without
+    a twin): the server's own log lines written meanwhile (logfmt, "ts=...": logs.py) are
+    kept, TensorFlow's start-up noise is not."""
+    import_tensorflow(verbose, keep=lambda line: line.startswith("ts="))
 
 
 def load_model(path: Path, name: str, version: int, verbose: bool = False) -> LoadedModel:
     """Load <path>, check its signatures against the export contract, and warm it up."""
-    tf = import_tensorflow(verbose)
+    import_runtime(verbose)
+    tf = import_tensorflow()
     started = time.perf_counter()
     saved = tf.saved_model.load(str(path))
     functions = {}
