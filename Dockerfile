@@ -2,8 +2,8 @@
 #
 # One file, three images (the last stage, server, is the default target):
 #
-#   docker build --target server  -t mnist-serving/server:0.1.0  .   # mnist-serve, with TensorFlow
-#   docker build --target trainer -t mnist-serving/trainer:0.1.0 .   # mnist-train, TensorFlow + matplotlib
+#   docker build --target server  -t mnist-serving/server:0.1.0  .   # mnist-serve, LiteRT, no TensorFlow
+#   docker build --target trainer -t mnist-serving/trainer:0.1.0 .   # mnist-train, TensorFlow + LiteRT + matplotlib
 #   docker build --target client  -t mnist-serving/client:0.1.0  .   # mnist-client, no TensorFlow
 #
 # Builder stages install each role's pinned dependencies (requirements/*.lock, made by
@@ -42,6 +42,9 @@ COPY --from=wheel /wheels /wheels
 RUN pip --python /opt/venv/bin/python install --no-index --find-links /wheels "mnist-serving[images]" \
     && pip --python /opt/venv/bin/python check
 
+# The lean server: the [server] extra runs each version's LiteRT twin and has no TensorFlow
+# (a version without a twin is refused with a log line; an image that must serve such
+# versions installs "mnist-serving[server,tensorflow]" from a lock that includes it).
 FROM base AS server-venv
 COPY requirements/server.lock /tmp/requirements.lock
 RUN python -m venv --without-pip /opt/venv \

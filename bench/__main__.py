@@ -1,9 +1,16 @@
 """`python -m bench --model-dir DIR [--json FILE]`: ratios measured side by side in one run.
 
-Starts what it needs on loopback (the server with batching on and off, a bare grpc.aio
-echo server with the same API), drives each with a load generator in its own process,
-and prints one row per comparison. Machines here are shared and noisy: read the ratios,
-which compare runs made minutes apart on the same machine, not the absolute figures.
+Starts what it needs on loopback (the server with batching on and off, with each runtime,
+a bare grpc.aio echo server with the same API), drives each with a load generator in its
+own process, and prints one row per comparison. Machines here are shared and noisy: read
+the ratios, which compare runs made minutes apart on the same machine, not the absolute
+figures.
+
+Rows B*: the serving path (batching, the API's cost), with the server's defaults.
+Rows L*: the runtimes side by side: the SavedModel and its LiteRT twin called in process,
+the server with --runtime auto (twins) and --runtime tensorflow, the echo server at the
+same payloads (784 B and 200 KB), start-up time and resident memory. `--rows B` or
+`--rows L` runs one group. The model dir's newest version must have a twin for L*.
 """
 
 from __future__ import annotations
@@ -24,6 +31,9 @@ from typing import Any
 import numpy as np
 
 from mnist_serving.server.launcher import ServerProcess
+from mnist_serving.server.runtimes import RuntimeSetting
+
+NAN = float("nan")
 
 
 @dataclass
@@ -31,7 +41,9 @@ class Row:
     name: str
     what: str
     ratio: float
-    target: float | str  # a number means ">= it"; a string such as "<=1.2" says itself
+    # A number means ">= it"; a string such as "<=1.2" says itself; "" is a figure to read,
+    # with no target.
+    target: float | str
     req_per_s: float
     images_per_s: float
     p50_ms: float
@@ -43,6 +55,8 @@ class Row:
 
     @property
     def met(self) -> bool:
+        if self.target == "":
+            return True
         if isinstance(self.target, str):
             return self.ratio <= float(self.target.removeprefix("<="))
         return self.ratio >= self.target
@@ -75,12 +89,15 @@ def load(target: str, images: int, concurrency: int, seconds: float) -> dict[str
     return stats
 
 
-def in_process_images_per_s(model_dir: Path, batch: int, seconds: float) -> dict[str, Any]:
-    """The SavedModel's own speed at `batch`, called in this process as the server calls it."""
+def in_process_images_per_s(
+    model_dir: Path, batch: int, seconds: float, runtime: RuntimeSetting = "tensorflow"
+) -> dict[str, Any]:
+    """The model's own speed at `batch`, called in this process as the server calls it:
+    the SavedModel through TensorFlow, or (runtime "litert") its twin."""
     from mnist_serving.server.runtimes import load_model
 
     version = max(int(p.name) for p in model_dir.iterdir() if p.name.isdigit())
-    model = load_model(model_dir / str(version), "mnist", version)
+    model = load_model(model_dir / str(version), "mnist", version, runtime)
     images = np.random.default_rng(0).integers(0, 256, size=(batch, 28, 28), dtype=np.uint8)
     for _ in range(20):
         model.predict(images)
@@ -265,6 +282,132 @@ def run(model_dir: Path, seconds: float, server_args: list[str]) -> list[Row]:
     return rows
 
 
+def started(model_dir: Path, *args: str) -> tuple[ServerProcess, float]:
+    """A server and the seconds from its process start to health SERVING (the "serving"
+    line is logged right after health says so)."""
+    begun = time.perf_counter()
+    server = ServerProcess(model_dir, "--poll-interval", "0", *args)
+    return server, time.perf_counter() - begun
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return NAN
+
+
+def figure(value: float, **stats: float) -> dict[str, Any]:
+    return {"req_per_s": NAN, "images_per_s": NAN, "p50_ms": NAN, "p99_ms": NAN, **stats} | {
+        "value": value
+    }
+
+
+def run_runtimes(model_dir: Path, seconds: float, server_args: list[str]) -> list[Row]:
+    rows: list[Row] = []
+    print(
+        f"L1 in-process SavedModel and twin, batch 256, {seconds:.0f} s each ...", file=sys.stderr
+    )
+    saved_model = in_process_images_per_s(model_dir, 256, seconds, "tensorflow")
+    twin = in_process_images_per_s(model_dir, 256, seconds, "litert")
+    saved_model_1 = in_process_images_per_s(model_dir, 1, seconds, "tensorflow")
+    twin_1 = in_process_images_per_s(model_dir, 1, seconds, "litert")
+    rows.append(
+        row("L1a", "in process, batch 256: twin images/s / SavedModel images/s", twin,
+            "in-process SavedModel, batch 256", saved_model,
+            twin["images_per_s"] / saved_model["images_per_s"], "")
+    )  # fmt: skip
+    rows.append(
+        row("L1b", "in process, batch 1: twin p50 / SavedModel p50", twin_1,
+            "in-process SavedModel, batch 1", saved_model_1,
+            twin_1["p50_ms"] / saved_model_1["p50_ms"], "")
+    )  # fmt: skip
+    echo = EchoProcess()
+    lean, lean_start = started(model_dir, "--runtime", "auto", *server_args)
+    heavy, heavy_start = started(model_dir, "--runtime", "tensorflow", *server_args)
+    try:
+        for name, server in (("auto", lean), ("tensorflow", heavy)):
+            if f"runtimes={_newest(model_dir)}:" not in server.log:
+                raise RuntimeError(f"the {name} server's log names no runtime:\n{server.log}")
+        if f"runtimes={_newest(model_dir)}:litert" not in lean.log:
+            raise RuntimeError(f"--runtime auto does not serve a twin (is there one?):\n{lean.log}")
+        print("L2 batch-256 requests, 4 clients, each runtime ...", file=sys.stderr)
+        auto_256 = load(lean.target, 256, 4, seconds)
+        tf_256 = load(heavy.target, 256, 4, seconds)
+        rows.append(
+            row("L2a", "batch-256 uint8, 4 clients, --runtime auto: served images/s / in-process "
+                "SavedModel images/s", auto_256, "in-process SavedModel, batch 256", saved_model,
+                auto_256["images_per_s"] / saved_model["images_per_s"], 1.0)
+        )  # fmt: skip
+        rows.append(
+            row("L2b", "batch-256 uint8, 4 clients, --runtime tensorflow: served images/s / "
+                "in-process SavedModel images/s", tf_256, "in-process SavedModel, batch 256",
+                saved_model, tf_256["images_per_s"] / saved_model["images_per_s"], "")
+        )  # fmt: skip
+        print("L3 one request at a time, 784 B and 200 KB ...", file=sys.stderr)
+        echo_1 = load(echo.target, 1, 1, seconds)
+        auto_1 = load(lean.target, 1, 1, seconds)
+        tf_1 = load(heavy.target, 1, 1, seconds)
+        echo_256 = load(echo.target, 256, 1, seconds)
+        auto_256_1 = load(lean.target, 256, 1, seconds)
+        rows.append(
+            row("L3a", "1 image (784 B), 1 client, --runtime auto: served p50 / echo p50", auto_1,
+                "bare grpc.aio echo server, 784 B", echo_1, auto_1["p50_ms"] / echo_1["p50_ms"],
+                "<=1.3")
+        )  # fmt: skip
+        rows.append(
+            row("L3b", "1 image, 1 client, --runtime tensorflow: served p50 / echo p50", tf_1,
+                "bare grpc.aio echo server, 784 B", echo_1, tf_1["p50_ms"] / echo_1["p50_ms"], "")
+        )  # fmt: skip
+        rows.append(
+            row("L3c", "256 images (200 KB), 1 client, --runtime auto: served p50 / echo p50",
+                auto_256_1, "bare grpc.aio echo server, 200 KB", echo_256,
+                auto_256_1["p50_ms"] / echo_256["p50_ms"], "")
+        )  # fmt: skip
+        print("L4 single images, 64 clients ...", file=sys.stderr)
+        echo_64 = load(echo.target, 1, 64, seconds)
+        auto_64 = load(lean.target, 1, 64, seconds)
+        tf_64 = load(heavy.target, 1, 64, seconds)
+        rows.append(
+            row("L4a", "1 image, 64 clients, --runtime auto: served req/s / echo req/s", auto_64,
+                "bare grpc.aio echo server", echo_64, auto_64["req_per_s"] / echo_64["req_per_s"],
+                0.8)
+        )  # fmt: skip
+        rows.append(
+            row("L4b", "1 image, 64 clients, --runtime tensorflow: served req/s / echo req/s",
+                tf_64, "bare grpc.aio echo server", echo_64,
+                tf_64["req_per_s"] / echo_64["req_per_s"], "")
+        )  # fmt: skip
+        # Start-up and memory: what the rows' p50 column holds is seconds / MB here.
+        lean_rss, heavy_rss = rss_mb(lean.process.pid), rss_mb(heavy.process.pid)
+        rows.append(
+            row("L5a", "process start to health SERVING, --runtime auto / --runtime tensorflow "
+                "(p50 column: seconds)", figure(lean_start, p50_ms=lean_start),
+                "--runtime tensorflow", figure(heavy_start, p50_ms=heavy_start),
+                lean_start / heavy_start, "<=0.25")
+        )  # fmt: skip
+        rows.append(
+            row("L5b", "process start to health SERVING, --runtime auto: seconds / 1.5 s",
+                figure(lean_start, p50_ms=lean_start), "1.5 s", figure(1.5, p50_ms=1.5),
+                lean_start / 1.5, "<=1.0")
+        )  # fmt: skip
+        rows.append(
+            row("L6", "resident memory after the runs above, --runtime auto: MB / 150 MB "
+                f"(p50 column: MB; --runtime tensorflow: {heavy_rss:.0f} MB)",
+                figure(lean_rss, p50_ms=lean_rss), "150 MB", figure(150, p50_ms=150),
+                lean_rss / 150, "<=1.0")
+        )  # fmt: skip
+    finally:
+        lean.stop()
+        heavy.stop()
+        echo.stop()
+    return rows
+
+
+def _newest(model_dir: Path) -> int:
+    return max(int(p.name) for p in model_dir.iterdir() if p.name.isdigit())
+
+
 def print_table(rows: list[Row], settings: dict[str, Any]) -> None:
     print("settings: " + " ".join(f"{k}={v}" for k, v in settings.items()))
     header = (
@@ -274,7 +417,7 @@ def print_table(rows: list[Row], settings: dict[str, Any]) -> None:
     print(header)
     print("-" * len(header))
     for r in rows:
-        target = r.target if isinstance(r.target, str) else f">={r.target:g}"
+        target = (r.target or "-") if isinstance(r.target, str) else f">={r.target:g}"
         print(
             f"{r.name:4} {r.ratio:7.2f} {target:>7} {'yes' if r.met else 'no':>4} "
             f"{r.req_per_s:9.0f} {r.images_per_s:10.0f} {r.p50_ms:7.2f} {r.p99_ms:7.2f}   "
@@ -293,9 +436,16 @@ def main() -> None:
     parser.add_argument(
         "--server-arg", action="append", default=[], help="extra mnist-serve flag (repeatable)"
     )
+    parser.add_argument(
+        "--rows", choices=("all", "B", "L"), default="all", help="which group of rows to run"
+    )
     args = parser.parse_args()
     settings = {"seconds_per_run": args.seconds, "server_args": args.server_arg or "defaults"}
-    rows = run(args.model_dir, args.seconds, args.server_arg)
+    rows = []
+    if args.rows in ("all", "B"):
+        rows += run(args.model_dir, args.seconds, args.server_arg)
+    if args.rows in ("all", "L"):
+        rows += run_runtimes(args.model_dir, args.seconds, args.server_arg)
     print_table(rows, settings)
     if args.json:
         with args.json.open("w") as out:

@@ -1,8 +1,10 @@
 """The main job end to end: train if there is no model, serve it, score the test set.
 
 `make demo` runs this. Steps, each printed as it happens:
-1. `mnist-train` into --model-dir unless a version is already there;
-2. `mnist-serve` on --port / --http-port, waiting for health SERVING;
+1. `mnist-train` into --model-dir unless a version is already there (the export holds the
+   SavedModel and its verified LiteRT twin);
+2. `mnist-serve` on --port / --http-port, waiting for health SERVING: it serves the
+   twin (--runtime auto), through TensorFlow only for a version without one;
 3. `mnist-client score` of the MNIST test set through the server (accuracy, images/s);
 4. a look at the server's metrics, then a clean stop (SIGTERM, exit code 0).
 """
@@ -17,7 +19,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from mnist_serving.contract import existing_versions
+from mnist_serving.contract import TWIN, existing_versions
 from mnist_serving.server.launcher import ServerProcess
 
 # Where Keras' download (the trainer's fallback without --data) leaves the data set.
@@ -41,6 +43,12 @@ def main() -> int:
     versions = existing_versions(args.model_dir)
     if versions:
         step(f"model found: {args.model_dir}/{versions[-1]} (delete it to train again)")
+        if not (args.model_dir / str(versions[-1]) / TWIN).exists():
+            print(
+                f"  it has no LiteRT twin ({TWIN}): it is served through TensorFlow; "
+                "train again for a version with one",
+                flush=True,
+            )
     else:
         step(f"training: no model under {args.model_dir}")
         subprocess.run(
@@ -66,7 +74,14 @@ def main() -> int:
         "0",
         host="127.0.0.1",
     ) as server:
-        print(f"SERVING at {server.target}; metrics at {server.metrics_url}", flush=True)
+        runtimes = next(
+            (f.split("=", 1)[1] for f in server.log.split() if f.startswith("runtimes=")), "?"
+        )
+        print(
+            f"SERVING at {server.target} (version:runtime {runtimes}); "
+            f"metrics at {server.metrics_url}",
+            flush=True,
+        )
 
         step("scoring the MNIST test set through the server")
         args.output.parent.mkdir(parents=True, exist_ok=True)

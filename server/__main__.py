@@ -40,7 +40,7 @@ async def serve(settings: Settings, worker: WorkerLink | None = None) -> bool:
         "starting",
         extra={"model_dir": str(settings.model_dir), "model": settings.model_name},
     )
-    from .app import ModelServer  # imports TensorFlow: after the settings are known good
+    from .app import ModelServer  # imports grpc, numpy: after the settings are known good
 
     server = ModelServer(settings, worker)
     loop = asyncio.get_running_loop()

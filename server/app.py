@@ -10,9 +10,11 @@ from typing import TYPE_CHECKING
 
 import grpc
 from grpc_health.v1 import _async as health_aio
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection, reflection_pb2
 
-from .api import http, native, reflection, v2
+from .api import http, native, tfserving, v2
+from .api.reflection import reflection_pool
 from .core import InferenceCore
 from .errors import StartupError
 from .settings import Settings
@@ -84,16 +86,23 @@ class ModelServer:
                 f"no loadable model version under {self.settings.model_dir} "
                 "(expected <model-dir>/<version>/saved_model.pb; run mnist-train first)"
             )
-        # Imported once a version has loaded: TF Serving's protos import the tensorflow
-        # package, which load_model has imported by now (quietly unless --verbose-tensorflow).
-        from .api import tfserving
-
-        services = (NATIVE_SERVICE, *tfserving.SERVICE_NAMES, v2.SERVICE.full_name)
+        descriptors = (native.SERVICE, *tfserving.SERVICES, v2.SERVICE)
+        services = tuple(service.full_name for service in descriptors)
         self._grpc.add_generic_rpc_handlers(
             (*native.handlers(self.core), *tfserving.handlers(self.core), *v2.handlers(self.core))
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
-        reflection.enable((*services, health.SERVICE_NAME), self._grpc)
+        # Reflection reads one pool; the services come from two (see api/reflection.py).
+        described = (
+            *descriptors,
+            health_pb2.DESCRIPTOR.services_by_name["Health"],
+            reflection_pb2.DESCRIPTOR.services_by_name["ServerReflection"],
+        )
+        reflection.enable_server_reflection(
+            tuple(service.full_name for service in described),
+            self._grpc,
+            pool=reflection_pool(described),
+        )
         address = f"{self.settings.host}:{self.settings.port}"
         self.port = self._grpc.add_insecure_port(address)
         if self.port == 0:
@@ -119,6 +128,9 @@ class ModelServer:
                 **({} if self.metrics_port is None else {"metrics_port": self.metrics_port}),
                 "model": self.settings.model_name,
                 "versions": [s.version for s in self.registry.served],
+                "runtimes": ",".join(
+                    f"{s.version}:{s.model.runtime}" for s in self.registry.served
+                ),
                 "batching": self.settings.batching,
             },
         )

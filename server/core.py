@@ -33,6 +33,7 @@ class VersionReport:
     report: dict[str, Any]  # the trainer's metrics.json
     # Signature name -> the SavedModel's SignatureDef proto, passed through untouched.
     signature_defs: Mapping[str, Any] = field(default_factory=dict)
+    runtime: str = ""  # "litert" or "tensorflow"
 
 
 class InferenceCore:
@@ -71,6 +72,6 @@ class InferenceCore:
         if model_name and model_name != self.registry.name:
             self.registry.resolve(model_name, 0)  # NOT_FOUND, with the registry's message
         return [
-            VersionReport(s.version, s.model.report, s.model.signature_defs)
+            VersionReport(s.version, s.model.report, s.model.signature_defs, s.model.runtime)
             for s in self.registry.served
         ]

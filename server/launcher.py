@@ -23,11 +23,12 @@ class ServerProcess:
         env: dict[str, str] | None = None,
         host: str = "127.0.0.1",
         start_timeout: float = 180,
+        python: str = sys.executable,
     ) -> None:
         self.model_dir = model_dir
         self.host = "127.0.0.1" if host in ("", "0.0.0.0") else host
         command = [
-            sys.executable, "-m", "mnist_serving.server",
+            python, "-m", "mnist_serving.server",
             "--model-dir", str(model_dir), "--host", host,
             "--port", "0", "--http-port", "0", *args,
         ]  # fmt: skip

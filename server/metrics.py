@@ -114,8 +114,9 @@ class SeriesGauge(Gauge):  # type: ignore[misc]
 
 
 MODEL_VERSION = SeriesGauge(
-    "model_version_info", "1 for each loaded model version (served by at least one worker).",
-    ["name", "version"], namespace=NAMESPACE, multiprocess_mode="livemax",
+    "model_version_info",
+    "1 for each loaded model version, with the runtime that serves it (in at least one worker).",
+    ["name", "version", "runtime"], namespace=NAMESPACE, multiprocess_mode="livemax",
 )  # fmt: skip
 MODEL_LOAD_SECONDS = SeriesGauge(
     "model_load_seconds", "Time it took to load and warm up a version (the slowest worker's).",
@@ -134,6 +135,9 @@ _CLASS_CHILDREN = [PREDICTED_CLASS.labels(label) for label in _CLASS_LABELS]
 
 
 def count_classes(classes: np.ndarray) -> None:
+    if len(classes) == 1:  # the common single-image call: no bincount
+        _CLASS_CHILDREN[int(classes[0])].inc()
+        return
     for child, count in zip(_CLASS_CHILDREN, np.bincount(classes, minlength=10), strict=False):
         if count:
             child.inc(int(count))

@@ -91,9 +91,14 @@ class Settings(BaseSettings):
         description="seconds after which a client connection is asked to reconnect, so that "
         "long-lived clients spread over the workers again (0: never)",
     )
+    runtime: Literal["auto", "litert", "tensorflow"] = Field(
+        "auto",
+        description="what runs a version: auto (its LiteRT twin when it has one, else "
+        "TensorFlow), litert (twins only), tensorflow (the SavedModel, always)",
+    )
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     verbose_tensorflow: bool = Field(
-        False, description="let TensorFlow print its start-up logs (CUDA, oneDNN)"
+        False, description="let TensorFlow and LiteRT print their start-up logs (CUDA, XNNPACK)"
     )
 
     @field_validator("workers", mode="before")

@@ -22,7 +22,7 @@ def decode_images(dtype: str, shape: Sequence[int], content: bytes, max_images: 
     """The request's images as a read-only [N, 28, 28] array of `dtype`, without copying."""
     if dtype not in DTYPES:
         raise InvalidInput(f"images dtype {dtype} is not accepted; send uint8 or float32")
-    shape = tuple(int(d) for d in shape)
+    shape = tuple(map(int, shape))
     if shape[1:] not in ((IMAGE_SIDE, IMAGE_SIDE), (PIXELS,)):
         raise InvalidInput(f"images shape {list(shape)} is not accepted; send {ACCEPTED_SHAPES}")
     count = shape[0]

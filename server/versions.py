@@ -30,9 +30,9 @@ import numpy as np
 from mnist_serving.contract import SIGNATURES, version_dirs
 
 from . import metrics
-from .batcher import Batcher, run_model
-from .errors import DeadlineExpired, ModelNotFound
-from .runtimes import Model, Prediction, import_runtime, load_model
+from .batcher import Batcher, check_deadline, run_inline, run_model
+from .errors import ModelNotFound
+from .runtimes import Model, Prediction, RuntimeUnavailable, import_runtime, load_model
 from .settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -45,7 +45,8 @@ class ServedVersion:
 
     model: Model
     executor: Executor
-    batchers: dict[str, Batcher] = field(default_factory=dict)
+    # Keyed by np.dtype, not its name: dtype.name is computed in Python on every access.
+    batchers: dict[np.dtype, Batcher] = field(default_factory=dict)
     _in_flight: int = field(default=0, init=False)
     _idle: asyncio.Event = field(default_factory=asyncio.Event, init=False)
 
@@ -66,12 +67,12 @@ class ServedVersion:
         self._in_flight += 1
         self._idle.clear()
         try:
-            batcher = self.batchers.get(images.dtype.name)
+            batcher = self.batchers.get(images.dtype)
             if batcher is not None:
                 return await batcher.submit(images, deadline)
-            if deadline is not None and deadline <= time.monotonic():
-                metrics.DEADLINE_DROPS.inc()
-                raise DeadlineExpired("the deadline passed before the model could run")
+            check_deadline(deadline)
+            if len(images) <= self.model.inline_max_images:
+                return run_inline(self.model.predict, images)
             return await run_model(self.model.predict, self.executor, images)
         finally:
             self._in_flight -= 1
@@ -200,10 +201,11 @@ class ModelRegistry:
     def _switch(self, current: dict[int, ServedVersion], chosen: dict[int, ServedVersion]) -> None:
         self._served = chosen  # the switch: one assignment, seen whole by every request
         for version in chosen.keys() - current.keys():
-            metrics.MODEL_VERSION.labels(self.name, str(version)).set(1)
+            runtime = chosen[version].model.runtime
+            metrics.MODEL_VERSION.labels(self.name, str(version), runtime).set(1)
             metrics.MODEL_LOAD_SECONDS.labels(str(version)).set(chosen[version].model.load_seconds)
         for version in current.keys() - chosen.keys():
-            _remove_series(version, self.name)
+            _remove_series(current[version], self.name)
             task = asyncio.get_running_loop().create_task(
                 self._retire(current[version]), name=f"retire-{version}"
             )
@@ -242,9 +244,10 @@ class ModelRegistry:
         if self._runtime_ready:
             return
         await asyncio.get_running_loop().run_in_executor(
-            self._loader, import_runtime, self.settings.verbose_tensorflow
+            self._loader, import_runtime, self.settings.runtime, self.settings.verbose_tensorflow
         )
-        # What exists now (TensorFlow, grpc, ~300k objects) lives as long as the process.
+        # What exists now (grpc, TensorFlow when --runtime tensorflow imported it: ~300k
+        # objects) lives as long as the process.
         # Freezing it takes it out of every later collection: a full gc.collect() after an
         # unload then takes milliseconds instead of ~0.4 s that stalls every request. The
         # models are loaded after this point, so their memory can still be collected.
@@ -259,6 +262,13 @@ class ModelRegistry:
             model = await asyncio.get_running_loop().run_in_executor(
                 self._loader, self._load_on_thread, version, path
             )
+        except RuntimeUnavailable as error:
+            self._failed[version] = _fingerprint(path)
+            metrics.MODEL_LOAD_FAILURES.inc()
+            logger.error(
+                "version not served: this server cannot run it; kept out until its folder changes",
+                extra={"version": version, "path": str(path), "reason": str(error)},
+            )
         except Exception as error:
             self._failed[version] = _fingerprint(path)
             metrics.MODEL_LOAD_FAILURES.inc()
@@ -272,23 +282,30 @@ class ModelRegistry:
         served = ServedVersion(model, self._inference)
         if self.settings.batching:
             for dtype in SIGNATURES:
-                served.batchers[dtype] = Batcher(
+                served.batchers[np.dtype(dtype)] = Batcher(
                     model.predict,
                     self._inference,
                     max_batch_size=self.settings.max_batch_size,
                     timeout=self.settings.batch_timeout_ms / 1000,
                     max_queued_images=self.settings.max_queued_images,
+                    inline_max_images=model.inline_max_images,
                 )
         logger.info(
             "version loaded",
-            extra={"version": version, "load_seconds": round(model.load_seconds, 3)},
+            extra={
+                "version": version,
+                "runtime": model.runtime,
+                "load_seconds": round(model.load_seconds, 3),
+            },
         )
         return served
 
     def _load_on_thread(self, version: int, path: Path) -> Model:
         self._loading = path
         try:
-            return load_model(path, self.name, version, self.settings.verbose_tensorflow)
+            return load_model(
+                path, self.name, version, self.settings.runtime, self.settings.verbose_tensorflow
+            )
         finally:
             self._loading = None
 
@@ -306,18 +323,19 @@ class ModelRegistry:
         a load in progress (it cannot be interrupted; see `loading`)."""
         self._closed = True
         served, self._served = self._served, {}
-        for version in served:
-            _remove_series(version, self.name)
+        for unserved in served.values():
+            _remove_series(unserved, self.name)
         await asyncio.gather(*(s.drain() for s in served.values()), *self._retiring)
         for unloaded in served.values():
             unloaded.release()
         self._loader.shutdown(wait=False, cancel_futures=True)
 
 
-def _remove_series(version: int, name: str) -> None:
+def _remove_series(served: ServedVersion, name: str) -> None:
+    version = str(served.version)
     for gauge, labels in (
-        (metrics.MODEL_VERSION, (name, str(version))),
-        (metrics.MODEL_LOAD_SECONDS, (str(version),)),
+        (metrics.MODEL_VERSION, (name, version, served.model.runtime)),
+        (metrics.MODEL_LOAD_SECONDS, (version,)),
     ):
         with contextlib.suppress(KeyError):  # never set, or removed already
             gauge.remove(*labels)

@@ -201,3 +201,86 @@ async def test_a_cancelled_caller_is_skipped(executor: ThreadPoolExecutor) -> No
     assert (await batcher.submit(tagged(2))).classes.tolist() == [2]
     assert model.calls == [1]
     await batcher.close()
+
+
+# --- inline calls (a microsecond model, such as a LiteRT twin) ----------------------------
+
+
+class ThreadRecordingModel(RecordingModel):
+    def __init__(self) -> None:
+        super().__init__()
+        self.threads: list[int] = []
+
+    def __call__(self, images: np.ndarray) -> Prediction:
+        self.threads.append(threading.get_ident())
+        return super().__call__(images)
+
+
+def make_inline(
+    model: RecordingModel, executor: ThreadPoolExecutor, timeout: float = 0.0
+) -> Batcher:
+    return Batcher(
+        model,
+        executor,
+        max_batch_size=8,
+        timeout=timeout,
+        max_queued_images=64,
+        inline_max_images=4,
+    )
+
+
+async def test_a_small_request_to_an_idle_batcher_runs_inline(
+    executor: ThreadPoolExecutor,
+) -> None:
+    model = ThreadRecordingModel()
+    batcher = make_inline(model, executor)
+    small, big = await batcher.submit(tagged(3, 4)), await batcher.submit(tagged(4, 5))
+    assert [int(c) for c in small.classes] == [3] * 4
+    assert [int(c) for c in big.classes] == [4] * 5
+    # The small one on the event loop's own thread, the big one on the executor's.
+    assert model.threads[0] == threading.get_ident()
+    assert model.threads[1] != threading.get_ident()
+    await batcher.close()
+
+
+async def test_a_small_request_joins_the_queue_while_a_batch_runs_and_keeps_its_place(
+    executor: ThreadPoolExecutor,
+) -> None:
+    model = ThreadRecordingModel()
+    batcher = make_inline(model, executor)
+    model.release.clear()
+    big = asyncio.ensure_future(batcher.submit(tagged(1, 5)))
+    await asyncio.sleep(0.05)  # the big request holds the model on the executor
+    small = [asyncio.ensure_future(batcher.submit(tagged(t))) for t in (2, 3, 4)]
+    await asyncio.sleep(0.05)
+    assert len(model.threads) == 1  # only the big request reached the model: none overtook it
+    model.release.set()
+    results = await asyncio.gather(big, *small)
+    assert model.calls == [5, 3]  # the small ones merged behind it
+    assert [int(r.classes[0]) for r in results] == [1, 2, 3, 4]
+    assert threading.get_ident() not in model.threads
+    await batcher.close()
+
+
+async def test_an_inline_request_whose_deadline_passed_is_refused(
+    executor: ThreadPoolExecutor,
+) -> None:
+    model = RecordingModel()
+    batcher = make_inline(model, executor)
+    with pytest.raises(DeadlineExpired):
+        await batcher.submit(tagged(1), deadline=time.monotonic() - 1)
+    assert model.calls == []
+    await batcher.close()
+
+
+async def test_no_inline_calls_when_requests_wait_for_each_other(
+    executor: ThreadPoolExecutor,
+) -> None:
+    """With a batch timeout, a lone request waits for company: it must not run at once."""
+    model = ThreadRecordingModel()
+    batcher = make_inline(model, executor, timeout=0.05)
+    results = await asyncio.gather(*(batcher.submit(tagged(t)) for t in (1, 2)))
+    assert [int(r.classes[0]) for r in results] == [1, 2]
+    assert model.calls == [2]
+    assert threading.get_ident() not in model.threads
+    await batcher.close()

@@ -34,8 +34,11 @@ def test_make_demo_trains_serves_scores_and_stops_cleanly(mnist_path: Path, tmp_
     shown = demo.stdout[-4000:] + demo.stderr[-4000:]
     assert demo.returncode == 0, shown
     assert (model_dir / "1" / "saved_model.pb").exists()
+    assert (model_dir / "1" / "model.tflite").exists()  # the verified twin
     assert "training: no model" in demo.stdout
-    assert re.search(r"SERVING at 127\.0\.0\.1:\d+", demo.stdout), shown
+    assert re.search(r"SERVING at 127\.0\.0\.1:\d+ \(version:runtime 1:litert\)", demo.stdout), (
+        shown
+    )
     accuracy = re.search(
         r"^accuracy (0\.\d+) \(\d+/10000 with a prediction", demo.stdout, re.MULTILINE
     )

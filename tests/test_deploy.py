@@ -75,7 +75,7 @@ METRICS: dict[str, tuple[str, frozenset[str]]] = {
     "mnist_batch_size_images": ("histogram", frozenset()),
     "mnist_requests_in_flight": ("gauge", frozenset()),
     "mnist_batch_queue_depth": ("gauge", frozenset()),
-    "mnist_model_version_info": ("gauge", frozenset({"name", "version"})),
+    "mnist_model_version_info": ("gauge", frozenset({"name", "version", "runtime"})),
     "mnist_model_load_seconds": ("gauge", frozenset({"version"})),
     "mnist_model_load_failures_total": ("counter", frozenset()),
     "mnist_predicted_class_total": ("counter", frozenset({"class"})),
@@ -411,8 +411,10 @@ def test_lock_pins_every_package(role: str) -> None:
         assert [s.operator for s in specifiers] == ["=="], str(requirement)
 
 
-def test_client_lock_has_no_tensorflow() -> None:
-    names = {canonicalize_name(r.name) for r in lock_requirements("client")}
+@pytest.mark.parametrize("role", ["client", "server"])
+def test_lock_has_no_tensorflow(role: str) -> None:
+    """The client never needs TensorFlow; the server image is the lean install (LiteRT)."""
+    names = {canonicalize_name(r.name) for r in lock_requirements(role)}
     assert not names & TENSORFLOW_PACKAGES, names & TENSORFLOW_PACKAGES
 
 

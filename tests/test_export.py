@@ -13,20 +13,24 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
-from mnist_serving.contract import REPORT_DIR, existing_versions, next_version
+from mnist_serving.contract import REPORT, REPORT_DIR, TWIN, existing_versions, next_version
+from mnist_serving.trainer import export
 from mnist_serving.trainer.export import export_saved_model
 
 from .synthetic_mnist import make_arrays
 
 PROBE = Path(__file__).resolve().parent / "savedmodel_probe.py"
+TWIN_PROBE = Path(__file__).resolve().parent / "twin_probe.py"
 
 
-def probe(version_dir: Path, images: npt.NDArray[np.uint8], out_dir: Path) -> dict[str, Any]:
+def probe(
+    version_dir: Path, images: npt.NDArray[np.uint8], out_dir: Path, script: Path = PROBE
+) -> dict[str, Any]:
     """Run savedmodel_probe.py on `images` in a fresh process; its signatures and outputs."""
     out_dir.mkdir(parents=True, exist_ok=True)
     np.save(out_dir / "images.npy", images)
     result = subprocess.run(
-        [sys.executable, str(PROBE), str(version_dir), str(out_dir / "images.npy"), str(out_dir)],
+        [sys.executable, str(script), str(version_dir), str(out_dir / "images.npy"), str(out_dir)],
         capture_output=True,
         text=True,
         timeout=180,
@@ -34,8 +38,27 @@ def probe(version_dir: Path, images: npt.NDArray[np.uint8], out_dir: Path) -> di
     assert result.returncode == 0, result.stderr[-3000:]
     with np.load(out_dir / "outputs.npz") as outputs:
         found: dict[str, Any] = dict(outputs)
-    found["signatures"] = json.loads((out_dir / "signatures.json").read_text())
+    for name in ("signatures", "modules"):
+        if (out_dir / f"{name}.json").exists():
+            found[name] = json.loads((out_dir / f"{name}.json").read_text())
     return found
+
+
+def check_twin_agrees(version_dir: Path, images: npt.NDArray[np.uint8], tmp_path: Path) -> None:
+    """The twin, loaded without TensorFlow in a fresh process, gives the SavedModel's answers
+    (itself loaded in another fresh process): identical classes, probabilities within the
+    trainer's TWIN_TOLERANCE."""
+    saved = probe(version_dir, images, tmp_path / "savedmodel")
+    twin = probe(version_dir, images, tmp_path / "twin", script=TWIN_PROBE)
+    assert twin["modules"] == {"tensorflow": []}
+    for prefix in ("uint8", "float"):
+        np.testing.assert_array_equal(twin[f"{prefix}_classes"], saved[f"{prefix}_classes"])
+        np.testing.assert_allclose(
+            twin[f"{prefix}_probabilities"],
+            saved[f"{prefix}_probabilities"],
+            rtol=0,
+            atol=export.TWIN_TOLERANCE,
+        )
 
 
 def check_served_contract(found: dict[str, Any], count: int) -> None:
@@ -79,7 +102,9 @@ def small_trained_export(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path
     model = build_model("mlp")
     model.fit(scale(arrays["x_train"]), arrays["y_train"], epochs=2, batch_size=32, verbose=0)
     keras_probabilities = tf.nn.softmax(model.predict(scale(arrays["x_test"]), verbose=0)).numpy()
-    version_dir = export_saved_model(model, tmp_path_factory.mktemp("small") / "mnist")
+    version_dir = export_saved_model(
+        model, tmp_path_factory.mktemp("small") / "mnist", check_images=arrays["x_test"]
+    )
     return version_dir, arrays["x_test"], keras_probabilities
 
 
@@ -108,6 +133,82 @@ def test_real_export_serves_the_contract_and_its_metrics(
     metrics = json.loads((trained_model_dir / "1" / REPORT_DIR / "metrics.json").read_text())
     served_accuracy = float((found["uint8_classes"] == labels).mean())
     assert served_accuracy == pytest.approx(metrics["test_accuracy"], abs=1e-6)
+
+
+# --- the LiteRT twin ----------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_a_default_training_run_publishes_a_verified_twin(
+    trained_model_dir: Path, mnist_path: Path, tmp_path: Path
+) -> None:
+    """`mnist-train` checked the twin on the 10k test images; a fresh process without
+    TensorFlow finds the same answers as the SavedModel."""
+    version_dir = trained_model_dir / "1"
+    twin = json.loads((version_dir / REPORT).read_text())["twin"]
+    assert twin["published"] is True
+    assert twin["check_images"] == 10000
+    assert twin["check_source"] == "test images"
+    assert twin["classes_identical"] is True
+    assert twin["classes_agreement"] == 1.0
+    assert 0 <= twin["max_abs_difference"] <= export.TWIN_TOLERANCE
+    assert set(twin["signatures"]) == {"serving_default", "serving_float"}
+    with np.load(mnist_path) as data:
+        images = data["x_test"]
+    check_twin_agrees(version_dir, images, tmp_path)
+
+
+def test_small_export_has_a_twin_that_agrees_without_tensorflow(
+    small_trained_export: tuple[Path, Any, Any], tmp_path: Path
+) -> None:
+    version_dir, images, _ = small_trained_export
+    assert (version_dir / TWIN).exists()
+    twin = json.loads((version_dir / REPORT).read_text())["twin"]
+    assert twin["published"] is True
+    assert twin["check_source"] == "test images"
+    assert twin["check_images"] == len(images)
+    assert twin["max_abs_difference"] <= export.TWIN_TOLERANCE
+    check_twin_agrees(version_dir, images, tmp_path)
+
+
+def test_a_twin_that_disagrees_is_not_published(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from mnist_serving.trainer.model import build_model
+
+    monkeypatch.setattr(export, "TWIN_TOLERANCE", -1.0)  # no twin can be that close
+    with caplog.at_level("WARNING", logger=export.__name__):
+        version_dir = export_saved_model(build_model("mlp"), tmp_path)
+    assert (version_dir / "saved_model.pb").exists()  # the version is still exported
+    assert not (version_dir / TWIN).exists()
+    twin = json.loads((version_dir / REPORT).read_text())["twin"]
+    assert twin["published"] is False
+    assert "disagrees with the SavedModel" in twin["reason"]
+    assert any("LiteRT twin not published" in r.getMessage() for r in caplog.records)
+
+
+def test_a_twin_that_fails_to_convert_is_not_published(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mnist_serving.trainer.model import build_model
+
+    def broken(saved_model_dir: Path, verbose: bool = False) -> bytes:
+        raise RuntimeError("converter exploded\nsecond line")
+
+    monkeypatch.setattr(export, "convert", broken)
+    version_dir = export_saved_model(build_model("mlp"), tmp_path)
+    assert (version_dir / "saved_model.pb").exists()
+    assert not (version_dir / TWIN).exists()
+    twin = json.loads((version_dir / REPORT).read_text())["twin"]
+    assert twin["reason"] == "conversion failed: RuntimeError: converter exploded"
+
+
+def test_export_without_a_twin_when_asked(tmp_path: Path) -> None:
+    from mnist_serving.trainer.model import build_model
+
+    version_dir = export_saved_model(build_model("mlp"), tmp_path, twin=False)
+    assert not (version_dir / TWIN).exists()
+    assert not (version_dir / REPORT).exists()  # no report was asked for either
 
 
 # --- version numbers ----------------------------------------------------------------------
@@ -188,5 +289,8 @@ def test_report_appears_with_the_model(tmp_path: Path) -> None:
         (folder / "metrics.json").write_text('{"version": 1}')
 
     version_dir = export_saved_model(build_model("mlp"), tmp_path, write_extras=write_extras)
-    assert (version_dir / REPORT_DIR / "metrics.json").read_text() == '{"version": 1}'
+    report = json.loads((version_dir / REPORT_DIR / "metrics.json").read_text())
+    assert report["version"] == 1  # the caller's report, with the twin's check added
+    assert report["twin"]["published"] is True
     assert (version_dir / "saved_model.pb").exists()
+    assert (version_dir / TWIN).exists()

@@ -34,7 +34,9 @@ class FakeLoader:
         self.slow_predict = threading.Event()  # cleared: predictions block until set
         self.slow_predict.set()
 
-    def __call__(self, path: Path, name: str, version: int, verbose: bool = False) -> LoadedModel:
+    def __call__(
+        self, path: Path, name: str, version: int, runtime: str = "auto", verbose: bool = False
+    ) -> LoadedModel:
         self.gate.wait(10)
         self.loads.append(version)
         if (path / "model.txt").read_text() != "ok":
@@ -65,7 +67,7 @@ def loader(monkeypatch: pytest.MonkeyPatch) -> FakeLoader:
     fake = FakeLoader()
     monkeypatch.setattr(versions, "load_model", fake)
     # No TensorFlow to import, and the test process's heap is not ours to freeze.
-    monkeypatch.setattr(versions, "import_runtime", lambda verbose: None)
+    monkeypatch.setattr(versions, "import_runtime", lambda runtime, verbose: None)
     monkeypatch.setattr(gc, "freeze", lambda: None)
     return fake
 
@@ -100,7 +102,7 @@ def failures() -> float:
 
 
 def version_info(version: int) -> float | None:
-    labels = {"name": "mnist", "version": str(version)}
+    labels = {"name": "mnist", "version": str(version), "runtime": "tensorflow"}
     value: float | None = REGISTRY.get_sample_value("mnist_model_version_info", labels)
     return value
 

@@ -129,6 +129,7 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         early_stopping=args.early_stopping,
         version=args.version,
+        verbose=args.verbose,
     )
     result = train_and_export(config, dataset)
     metrics = result.metrics

@@ -36,6 +36,7 @@ class TrainConfig:
     seed: int | None = None
     early_stopping: int | None = None  # patience in epochs on val_loss; None: train all epochs
     version: int | None = None  # None: the next free version number
+    verbose: bool = False  # show the LiteRT converter's own log lines
 
 
 @dataclass(frozen=True)
@@ -137,5 +138,13 @@ def train_and_export(config: TrainConfig, dataset: Dataset) -> TrainResult:
             probabilities[samples],
         )
 
-    version_dir = export_saved_model(model, config.model_dir, version, write_extras=write_extras)
+    # The LiteRT twin is checked on the whole test set before it is published with the version.
+    version_dir = export_saved_model(
+        model,
+        config.model_dir,
+        version,
+        write_extras=write_extras,
+        check_images=dataset.x_test,
+        verbose=config.verbose,
+    )
     return TrainResult(version_dir, metrics)

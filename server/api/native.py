@@ -40,26 +40,26 @@ class MnistServicer:
         answer = await self.core.predict(
             model_name=request.model_spec.name,
             version=request.model_spec.version,
-            dtype=DTYPE_NAMES.get(images.dtype, pb.DataType.Name(images.dtype)),
+            dtype=DTYPE_NAMES.get(images.dtype) or pb.DataType.Name(images.dtype),
             shape=images.shape,
             content=images.content,
             time_remaining=context.time_remaining(),
         )
         probabilities = answer.prediction.probabilities
         classes = answer.prediction.classes
-        return pb.PredictResponse(
-            model_spec=pb.ModelSpec(name=answer.model_name, version=answer.version),
-            probabilities=pb.Tensor(
-                dtype=pb.DATA_TYPE_FLOAT32,
-                shape=probabilities.shape,
-                content=probabilities.astype("<f4", copy=False).tobytes(),
-            ),
-            classes=pb.Tensor(
-                dtype=pb.DATA_TYPE_INT64,
-                shape=classes.shape,
-                content=classes.astype("<i8", copy=False).tobytes(),
-            ),
-        )
+        # Filled in place: building sub-messages first and passing them in copies each one.
+        response = pb.PredictResponse()
+        response.model_spec.name = answer.model_name
+        response.model_spec.version = answer.version
+        tensor = response.probabilities
+        tensor.dtype = pb.DATA_TYPE_FLOAT32
+        tensor.shape[:] = probabilities.shape
+        tensor.content = probabilities.astype("<f4", copy=False).tobytes()
+        tensor = response.classes
+        tensor.dtype = pb.DATA_TYPE_INT64
+        tensor.shape[:] = classes.shape
+        tensor.content = classes.astype("<i8", copy=False).tobytes()
+        return response
 
     async def GetModelMetadata(
         self, request: pb.GetModelMetadataRequest, context: grpc.aio.ServicerContext[Any, Any]
@@ -74,6 +74,7 @@ class MnistServicer:
                     test_loss=float(v.report.get("test_loss") or 0.0),
                     trained_at=str(v.report.get("trained_at") or ""),
                     architecture=str(v.report.get("architecture") or ""),
+                    runtime=v.runtime,
                 )
                 for v in versions
             ],

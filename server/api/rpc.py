@@ -67,6 +67,7 @@ def _method(
     api: str, name: str, request_type: type[Message], impl: Method | None, unimplemented: str
 ) -> Callable[[bytes, Context], Awaitable[Message]]:
     seconds = metrics.REQUEST_SECONDS.labels(api, name)
+    answered = metrics.REQUESTS.labels(api, name, grpc.StatusCode.OK.name)  # the common case
     full_name = request_type.DESCRIPTOR.full_name
 
     async def handle(data: bytes, context: Context) -> Message:
@@ -93,7 +94,11 @@ def _method(
             # finds it counted.
             metrics.IN_FLIGHT.dec()
             seconds.observe(time.perf_counter() - started)
-            metrics.REQUESTS.labels(api, name, code.name).inc()
+            (
+                answered
+                if code is grpc.StatusCode.OK
+                else metrics.REQUESTS.labels(api, name, code.name)
+            ).inc()
         await context.abort(code, message)
         raise AssertionError("unreachable: abort raises")
 

@@ -1,13 +1,16 @@
 """TensorFlow Serving's gRPC API on the native port, for clients written against TF Serving.
 
 tensorflow.serving.PredictionService (Predict, GetModelMetadata) and ModelService
-(GetModelStatus), from the generated code of the tensorflow-serving-api package: proto in,
-the same InferenceCore as the native API, proto out. Classify, Regress, MultiInference and
-HandleReloadConfigRequest answer UNIMPLEMENTED (api/rpc.py, for methods a servicer lacks).
+(GetModelStatus): proto in, the same InferenceCore as the native API, proto out. Classify,
+Regress, MultiInference and HandleReloadConfigRequest answer UNIMPLEMENTED (api/rpc.py, for
+methods a servicer lacks).
 
-Tensors are filled field by field (dtype, tensor_shape.dim, tensor_content), never through
-tf.make_tensor_proto: the TensorFlow runtime stays in model.py. The message and enum types
-are TensorFlow's generated protobuf code, which the TF Serving protos are built on.
+The messages are this project's wire-compatible subset of TensorFlow Serving's and
+TensorFlow's public protos (protos/tensorflow_serving/, protos/tensorflow/: same packages,
+message names and field numbers, compiled into the private descriptor pool), so neither
+tensorflow nor tensorflow-serving-api needs to be installed, and a client built on the
+originals cannot tell the difference. Tensors are filled field by field (dtype,
+tensor_shape.dim, tensor_content).
 """
 
 from __future__ import annotations
@@ -19,8 +22,10 @@ from typing import Any
 
 import grpc
 import numpy as np
-from tensorflow.core.framework import types_pb2
-from tensorflow_serving.apis import (
+
+from mnist_serving.contract import INPUT_NAME, OUTPUTS, SIGNATURES
+from mnist_serving.protos.tensorflow.core.framework import tensor_pb2, types_pb2
+from mnist_serving.protos.tensorflow_serving.apis import (
     get_model_metadata_pb2,
     get_model_status_pb2,
     model_pb2,
@@ -28,8 +33,6 @@ from tensorflow_serving.apis import (
     predict_pb2,
     prediction_service_pb2,
 )
-
-from mnist_serving.contract import INPUT_NAME, OUTPUTS, SIGNATURES
 
 from ..core import InferenceCore, VersionReport
 from ..errors import InvalidInput, ModelNotFound
@@ -39,7 +42,8 @@ logger = logging.getLogger(__name__)
 
 PREDICTION_SERVICE = prediction_service_pb2.DESCRIPTOR.services_by_name["PredictionService"]
 MODEL_SERVICE = model_service_pb2.DESCRIPTOR.services_by_name["ModelService"]
-SERVICE_NAMES = (PREDICTION_SERVICE.full_name, MODEL_SERVICE.full_name)
+SERVICES = (PREDICTION_SERVICE, MODEL_SERVICE)
+SERVICE_NAMES = tuple(service.full_name for service in SERVICES)
 
 DEFAULT_SIGNATURE = "serving_default"  # what an empty signature_name means, as in TF Serving
 TF_DTYPES = {"uint8": types_pb2.DT_UINT8, "float32": types_pb2.DT_FLOAT}  # core name -> TF's
@@ -53,8 +57,7 @@ VALUE_FIELDS: dict[int, tuple[str, np.dtype[Any]]] = {
 }
 METADATA_FIELDS = ("signature_def",)
 
-TensorProto = Any  # tensorflow.TensorProto; TensorFlow ships no type stubs
-
+TensorProto = tensor_pb2.TensorProto
 
 UNIMPLEMENTED = (
     "this server answers PredictionService/Predict, PredictionService/GetModelMetadata "
@@ -264,7 +267,7 @@ def model_spec(name: str, version: int, signature: str = "") -> model_pb2.ModelS
     return spec
 
 
-def fill_tensor(tensor: TensorProto, dtype: int, array: np.ndarray) -> None:
+def fill_tensor(tensor: TensorProto, dtype: types_pb2.DataType, array: np.ndarray) -> None:
     tensor.dtype = dtype
     for size in array.shape:
         tensor.tensor_shape.dim.add(size=size)

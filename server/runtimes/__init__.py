@@ -1,20 +1,45 @@
 """Model runtimes behind one small interface: load a version folder, predict a batch.
 
-Each runtime is one module, and only it imports its framework (tensorflow.py imports
-TensorFlow); nothing else in server/ does. A loaded version is a `Model`.
+Each runtime is one module, and only it imports its framework: tensorflow.py imports
+TensorFlow, litert.py imports ai_edge_litert; nothing else in server/ does, and neither is
+imported before a version needs it. A loaded version is a `Model`.
+
+Which runtime serves a version (--runtime):
+- auto (default): its LiteRT twin (model.tflite) when it has one, else TensorFlow;
+- litert: its twin; a version without one is refused;
+- tensorflow: the SavedModel through TensorFlow, as before twins existed.
+A server installed without TensorFlow (`pip install mnist-serving[server]`) serves twins
+only, and refuses a version without one with a message that says what to install.
 """
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import numpy as np
 
-from mnist_serving.contract import NUM_CLASSES
+from mnist_serving.contract import NUM_CLASSES, TWIN
 
-__all__ = ["NUM_CLASSES", "Model", "Prediction", "import_runtime", "load_model"]
+from ..errors import StartupError
+
+__all__ = [
+    "NUM_CLASSES",
+    "RUNTIMES",
+    "Model",
+    "Prediction",
+    "RuntimeSetting",
+    "RuntimeUnavailable",
+    "import_runtime",
+    "load_model",
+    "runtime_for",
+]
+
+RuntimeSetting = Literal["auto", "litert", "tensorflow"]
+RUNTIMES: tuple[RuntimeSetting, ...] = ("auto", "litert", "tensorflow")
+INSTALL_TENSORFLOW = "pip install 'mnist-serving[tensorflow]'"
 
 
 @dataclass(frozen=True)
@@ -38,6 +63,9 @@ class Model(Protocol):
     # Signature name -> SignatureDef proto as written in saved_model.pb: what TensorFlow
     # Serving's GetModelMetadata reports.
     signature_defs: dict[str, Any]
+    # Batches of at most this many images may be predicted on the event loop's own thread
+    # (cheaper than a thread hop when the call takes microseconds); 0: never.
+    inline_max_images: int
 
     def predict(self, images: np.ndarray) -> Prediction:
         """Run the signature that matches images.dtype on [N, 28, 28]; blocking."""
@@ -48,15 +76,55 @@ class Model(Protocol):
         ...
 
 
-def import_runtime(verbose: bool = False) -> None:
-    """Import the runtime's framework now (seconds, once per process), without a model."""
+class RuntimeUnavailable(Exception):
+    """This server cannot run a version: no twin where one is required, no TensorFlow."""
+
+
+def tensorflow_installed() -> bool:
+    return importlib.util.find_spec("tensorflow") is not None
+
+
+def runtime_for(path: Path, setting: RuntimeSetting) -> str:
+    """The runtime that serves the version in `path` under --runtime `setting`."""
+    has_twin = (path / TWIN).is_file()
+    if setting == "litert" or (setting == "auto" and has_twin):
+        if not has_twin:
+            raise RuntimeUnavailable(
+                f"it has no LiteRT twin ({TWIN}) and --runtime litert serves twins only: "
+                "export it again with mnist-train (which adds a verified twin), "
+                "or serve it with --runtime auto"
+            )
+        return "litert"
+    if not tensorflow_installed():
+        raise RuntimeUnavailable(
+            f"it has no LiteRT twin ({TWIN}) and TensorFlow is not installed: "
+            f"{INSTALL_TENSORFLOW} to serve it through TensorFlow, "
+            "or export it again with mnist-train (which adds a verified twin)"
+        )
+    return "tensorflow"
+
+
+def import_runtime(setting: RuntimeSetting = "auto", verbose: bool = False) -> None:
+    """Import what every version will need now, once per process, before any load:
+    TensorFlow (seconds) only for --runtime tensorflow; auto imports it only when a version
+    without a twin turns up."""
+    if setting != "tensorflow":
+        return
+    if not tensorflow_installed():
+        raise StartupError(f"--runtime tensorflow needs TensorFlow: {INSTALL_TENSORFLOW}")
     from . import tensorflow
 
     tensorflow.import_runtime(verbose)
 
 
-def load_model(path: Path, name: str, version: int, verbose: bool = False) -> Model:
-    """Load, check and warm up the version in `path`."""
+def load_model(
+    path: Path, name: str, version: int, setting: RuntimeSetting = "auto", verbose: bool = False
+) -> Model:
+    """Load, check and warm up the version in `path` with the runtime `setting` picks."""
+    if runtime_for(path, setting) == "litert":
+        from . import litert
+
+        return litert.load_model(path, name, version, verbose)
     from . import tensorflow
 
     return tensorflow.load_model(path, name, version, verbose)

@@ -5,7 +5,6 @@ The only module in server/ that imports TensorFlow.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -14,11 +13,12 @@ from typing import Any
 
 import numpy as np
 
-from mnist_serving.contract import INPUT_NAME, NUM_CLASSES, REPORT, SAVED_MODEL, SIGNATURES
+from mnist_serving.contract import INPUT_NAME, NUM_CLASSES, SIGNATURES
 from mnist_serving.contract.tfquiet import import_tensorflow
 
 from ..errors import InvalidInput
 from . import Prediction
+from .savedmodel import read_report, read_signature_defs
 
 logger = logging.getLogger(__name__)
 
@@ -31,6 +31,7 @@ class LoadedModel:
     load_seconds: float
     report: dict[str, Any] = field(default_factory=dict)
     runtime: str = "tensorflow"
+    inline_max_images: int = 0  # a TensorFlow call costs ~0.3 ms: always on the inference thread
     _functions: dict[str, Any] = field(default_factory=dict, repr=False)
     _saved: Any = field(default=None, repr=False)
     # The served signatures as written in saved_model.pb (tensorflow.SignatureDef protos):
@@ -55,13 +56,18 @@ class LoadedModel:
 
 
 def import_runtime(verbose: bool = False) -> None:
-    """Import TensorFlow now (a few seconds, once per process), without loading a model."""
-    import_tensorflow(verbose)
+    """Import TensorFlow now (a few seconds, once per process), without loading a model.
+
+    Under --runtime auto this can happen while the server serves (the first version without
+    a twin): the server's own log lines written meanwhile (logfmt, "ts=...": logs.py) are
+    kept, TensorFlow's start-up noise is not."""
+    import_tensorflow(verbose, keep=lambda line: line.startswith("ts="))
 
 
 def load_model(path: Path, name: str, version: int, verbose: bool = False) -> LoadedModel:
     """Load <path>, check its signatures against the export contract, and warm it up."""
-    tf = import_tensorflow(verbose)
+    import_runtime(verbose)
+    tf = import_tensorflow()
     started = time.perf_counter()
     saved = tf.saved_model.load(str(path))
     functions = {}
@@ -74,9 +80,9 @@ def load_model(path: Path, name: str, version: int, verbose: bool = False) -> Lo
             raise ValueError(f"{path} signature {signature!r} does not take {dtype} [N, 28, 28]")
         functions[dtype] = function
     model = LoadedModel(
-        name, version, path, 0.0, _read_report(path), _functions=functions, _saved=saved
+        name, version, path, 0.0, read_report(path), _functions=functions, _saved=saved
     )
-    model.signature_defs = _read_signature_defs(path)
+    model.signature_defs = read_signature_defs(path)
     for dtype in functions:
         # The first calls trace and allocate; pay for them before taking traffic.
         for count in (1, 32):
@@ -85,28 +91,3 @@ def load_model(path: Path, name: str, version: int, verbose: bool = False) -> Lo
                 raise ValueError(f"{path} returns probabilities {result.probabilities.shape}")
     model.load_seconds = time.perf_counter() - started
     return model
-
-
-def _read_signature_defs(path: Path) -> dict[str, Any]:
-    """The SignatureDef protos of the served signatures (not __saved_model_init_op)."""
-    from tensorflow.core.protobuf import meta_graph_pb2, saved_model_pb2
-
-    saved_model = saved_model_pb2.SavedModel.FromString((path / SAVED_MODEL).read_bytes())
-    graphs = saved_model.meta_graphs
-    # The "serve" graph, as TensorFlow Serving picks; tf.saved_model.save writes only that one.
-    graph = next((g for g in graphs if "serve" in g.meta_info_def.tags), graphs[0])
-    signature_defs = {}
-    for signature in SIGNATURES.values():
-        copy = meta_graph_pb2.SignatureDef()
-        copy.CopyFrom(graph.signature_def[signature])  # copied: the graph need not stay in memory
-        signature_defs[signature] = copy
-    return signature_defs
-
-
-def _read_report(path: Path) -> dict[str, Any]:
-    try:
-        report = json.loads((path / REPORT).read_text())
-    except (OSError, ValueError):
-        logger.warning("no readable training report", extra={"path": str(path / REPORT)})
-        return {}
-    return report if isinstance(report, dict) else {}

@@ -71,18 +71,20 @@ class TensorSpec(_message.Message):
     def __init__(self, name: _Optional[str] = ..., dtype: _Optional[_Union[DataType, str]] = ..., shape: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class VersionInfo(_message.Message):
-    __slots__ = ("version", "test_accuracy", "test_loss", "trained_at", "architecture")
+    __slots__ = ("version", "test_accuracy", "test_loss", "trained_at", "architecture", "runtime")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     TEST_ACCURACY_FIELD_NUMBER: _ClassVar[int]
     TEST_LOSS_FIELD_NUMBER: _ClassVar[int]
     TRAINED_AT_FIELD_NUMBER: _ClassVar[int]
     ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
+    RUNTIME_FIELD_NUMBER: _ClassVar[int]
     version: int
     test_accuracy: float
     test_loss: float
     trained_at: str
     architecture: str
-    def __init__(self, version: _Optional[int] = ..., test_accuracy: _Optional[float] = ..., test_loss: _Optional[float] = ..., trained_at: _Optional[str] = ..., architecture: _Optional[str] = ...) -> None: ...
+    runtime: str
+    def __init__(self, version: _Optional[int] = ..., test_accuracy: _Optional[float] = ..., test_loss: _Optional[float] = ..., trained_at: _Optional[str] = ..., architecture: _Optional[str] = ..., runtime: _Optional[str] = ...) -> None: ...
 
 class GetModelMetadataResponse(_message.Message):
     __slots__ = ("name", "versions", "inputs", "outputs", "class_labels", "max_images_per_request")
