@@ -8,12 +8,18 @@ declares but this server does not implement answers UNIMPLEMENTED, counted as su
 
 Servicers are plain classes: an `async def Method(request, context)` per implemented RPC,
 raising domain errors, never calling context.abort themselves.
+
+`ADMISSION` is the door every call passes: once the server stops admitting (after SIGTERM
+and the drain delay), calls are refused with UNAVAILABLE (retryable, counted), and the
+server waits until the calls it admitted are done and no new one has arrived for a short
+while before gRPC shuts its transport down (see Admission.drain for why).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -24,13 +30,99 @@ from google.protobuf.descriptor import ServiceDescriptor
 from google.protobuf.message import DecodeError, Message
 
 from .. import metrics
-from ..errors import InvalidInput, NotImplementedHere, status_of
+from ..errors import InvalidInput, NotImplementedHere, ShuttingDown, status_of
 
 logger = logging.getLogger(__name__)
 
 Context = grpc.aio.ServicerContext[Any, Any]
 Method = Callable[[Any, Context], Awaitable[Message]]
 UNDECODABLE_LOG_INTERVAL = 10.0  # seconds between log lines about undecodable requests
+# Status details travel in an HTTP/2 trailer; clients refuse trailers over 8-16 KiB, so a
+# message that quotes a huge field of the request would turn into a client-side error.
+MAX_DETAILS = 1000
+# A cancellation this close to the call's deadline is counted as the deadline: see
+# _cancelled_status.
+DEADLINE_SLACK = 1.0
+REFUSED = "the server is shutting down; retry (another replica will answer)"
+CUT = "the server stopped before this call finished (grace period over); retry"
+
+
+class Admission:
+    """Which calls the server still takes, and the calls it has taken and not yet answered."""
+
+    def __init__(self) -> None:
+        self.open()
+
+    def open(self) -> None:
+        self.closed = False
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._cut: set[asyncio.Task[Any]] = set()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self.last_arrival = time.monotonic()
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._tasks)
+
+    def enter(self) -> asyncio.Task[Any] | None:
+        """Admit the calling task, or raise ShuttingDown once the server stops admitting."""
+        self.last_arrival = time.monotonic()
+        if self.closed:
+            raise ShuttingDown(REFUSED)
+        task = asyncio.current_task()
+        if task is not None:
+            self._tasks.add(task)
+            self._idle.clear()
+        return task
+
+    def leave(self, task: asyncio.Task[Any] | None) -> None:
+        if task is not None:
+            self._tasks.discard(task)
+            if not self._tasks:
+                self._idle.set()
+
+    def was_cut(self, task: asyncio.Task[Any] | None) -> bool:
+        return task is not None and task in self._cut
+
+    async def drain(self, grace: float, quiet: float) -> int:
+        """Stop admitting; wait for the admitted calls, then for `quiet` seconds without
+        arrivals, all within `grace`. Returns how many calls were cut at the end of grace.
+
+        gRPC core resets (CANCELLED) every call that reaches its transport after its shutdown
+        begins, and every call it has received but not yet handed to Python. Refusing calls
+        here first, until clients have stopped sending, keeps those two sets empty.
+        """
+        self.closed = True
+        give_up = time.monotonic() + grace
+        while True:
+            remaining = give_up - time.monotonic()
+            if remaining <= 0:
+                break
+            if self._tasks:
+                try:
+                    await asyncio.wait_for(self._idle.wait(), remaining)
+                except TimeoutError:
+                    break
+                continue
+            silent = time.monotonic() - self.last_arrival
+            if silent >= quiet:
+                return 0
+            await asyncio.sleep(min(quiet - silent, remaining))
+        return await self.cut()
+
+    async def cut(self) -> int:
+        """Answer every admitted call UNAVAILABLE now (the grace period is over)."""
+        tasks = set(self._tasks)
+        self._cut |= tasks
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await self._idle.wait()
+        return len(tasks)
+
+
+ADMISSION = Admission()
 
 
 def service_handler(
@@ -73,8 +165,10 @@ def _method(
         started = time.perf_counter()
         code = grpc.StatusCode.OK
         message = ""
+        task = None
         metrics.IN_FLIGHT.inc()
         try:
+            task = ADMISSION.enter()
             if impl is None:
                 raise NotImplementedHere(unimplemented)
             try:
@@ -84,20 +178,41 @@ def _method(
                 raise InvalidInput(f"the request is not a valid {full_name} message") from None
             return await impl(request, context)
         except asyncio.CancelledError:
-            code = grpc.StatusCode.CANCELLED
-            raise
+            if not ADMISSION.was_cut(task):
+                # gRPC cancels the handler when the caller cancels or its deadline passes:
+                # count what the caller sees.
+                code = _cancelled_status(context)
+                raise
+            if task is not None and sys.version_info >= (3, 11):
+                task.uncancel()  # our own cancellation, answered below
+            code, message = grpc.StatusCode.UNAVAILABLE, CUT
         except Exception as error:
             code, message = status_of(error)
         finally:
+            ADMISSION.leave(task)
             # Recorded before the status is sent, so a caller that has its answer also
             # finds it counted.
             metrics.IN_FLIGHT.dec()
             seconds.observe(time.perf_counter() - started)
             metrics.REQUESTS.labels(api, name, code.name).inc()
+        if len(message) > MAX_DETAILS:
+            message = message[: MAX_DETAILS - 15] + " ... (cut short)"
         await context.abort(code, message)
         raise AssertionError("unreachable: abort raises")
 
     return handle
+
+
+def _cancelled_status(context: Context) -> grpc.StatusCode:
+    """DEADLINE_EXCEEDED when the caller's deadline is (about) up, else CANCELLED.
+
+    A client whose deadline passes resets the stream; that reset can reach the server a
+    little before the server's copy of the deadline, which started when the call arrived.
+    """
+    remaining = context.time_remaining()
+    if remaining is not None and remaining < DEADLINE_SLACK:
+        return grpc.StatusCode.DEADLINE_EXCEEDED
+    return grpc.StatusCode.CANCELLED
 
 
 _last_logged = -UNDECODABLE_LOG_INTERVAL
