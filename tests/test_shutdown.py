@@ -245,6 +245,24 @@ async def test_a_call_past_its_deadline_is_counted_as_deadline_exceeded(held: He
     assert after["CANCELLED"] == before["CANCELLED"]
 
 
+async def test_an_expired_deadline_is_not_run(held: Held) -> None:
+    # (Was a 1 us deadline in test_server.py, which gRPC rounds up to a millisecond that a
+    # fast call can beat.) Here the call waits behind a held model until its deadline passes.
+    def predicted() -> float:
+        return REGISTRY.get_sample_value("mnist_images_predicted_total") or 0.0
+
+    before = predicted()
+    held.hold_inference()
+    first = held.stub.Predict(request(3))
+    await until(lambda: ADMISSION.in_flight == 1 and queued() == 0, "the first call to be taken")
+    assert await outcome(held.stub.Predict(request(5), timeout=0.5)) == "DEADLINE_EXCEEDED"
+    await until(lambda: ADMISSION.in_flight == 1, "the expired call's handler to end")
+    held.release.set()
+    assert tuple((await first).classes.shape) == (3,)
+    await until(lambda: queued() == 0, "the expired request to leave the queue")
+    assert predicted() - before == 3  # the first call's images, not the expired one's
+
+
 async def test_during_shutdown_new_calls_get_unavailable_and_admitted_ones_finish(
     held: Held,
 ) -> None:

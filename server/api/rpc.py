@@ -40,6 +40,7 @@ UNDECODABLE_LOG_INTERVAL = 10.0  # seconds between log lines about undecodable r
 # Status details travel in an HTTP/2 trailer; clients refuse trailers over 8-16 KiB, so a
 # message that quotes a huge field of the request would turn into a client-side error.
 MAX_DETAILS = 1000
+CUT_SHORT = " ... (cut short)"
 # A cancellation this close to the call's deadline is counted as the deadline: see
 # _cancelled_status.
 DEADLINE_SLACK = 1.0
@@ -196,7 +197,7 @@ def _method(
             seconds.observe(time.perf_counter() - started)
             metrics.REQUESTS.labels(api, name, code.name).inc()
         if len(message) > MAX_DETAILS:
-            message = message[: MAX_DETAILS - 15] + " ... (cut short)"
+            message = message[: MAX_DETAILS - len(CUT_SHORT)] + CUT_SHORT
         await context.abort(code, message)
         raise AssertionError("unreachable: abort raises")
 
