@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
@@ -135,23 +136,21 @@ class Held:
         self.server._inference.submit(self.release.wait, 300)
 
 
-@pytest.fixture
-async def held(tiny_model_dir: Path) -> AsyncIterator[Held]:
+@contextlib.asynccontextmanager
+async def started(model_dir: Path, **overrides: Any) -> AsyncIterator[Held]:
     from mnist_serving.server.app import ModelServer
 
-    settings = Settings.model_validate(
-        {
-            "model_dir": tiny_model_dir,
-            "host": "127.0.0.1",
-            "port": 0,
-            "metrics_port": 0,
-            "poll_interval": 0,
-            "grace_period": 60,
-            "max_queued_images": 64,
-            "max_batch_size": 64,
-        }
-    )
-    server = ModelServer(settings)
+    values = {
+        "model_dir": model_dir,
+        "host": "127.0.0.1",
+        "port": 0,
+        "metrics_port": 0,
+        "poll_interval": 0,
+        "grace_period": 60,
+        "max_queued_images": 64,
+        "max_batch_size": 64,
+    }
+    server = ModelServer(Settings.model_validate({**values, **overrides}))
     await server.start()
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{server.port}")
     fixture = Held(server, channel)
@@ -161,6 +160,12 @@ async def held(tiny_model_dir: Path) -> AsyncIterator[Held]:
         fixture.release.set()
         await channel.close(grace=None)
         await server.stop(grace=0)
+
+
+@pytest.fixture
+async def held(tiny_model_dir: Path) -> AsyncIterator[Held]:
+    async with started(tiny_model_dir) as fixture:
+        yield fixture
 
 
 async def until(condition: Callable[[], Any], what: str, timeout: float = 60) -> None:
@@ -306,3 +311,26 @@ async def test_calls_still_running_when_the_grace_period_ends_get_unavailable(
     after = counted()
     assert after["UNAVAILABLE"] - before["UNAVAILABLE"] == 1
     assert after["CANCELLED"] == before["CANCELLED"]
+
+
+async def test_one_connection_cannot_hold_more_streams_than_its_share(
+    tiny_model_dir: Path,
+) -> None:
+    async with started(tiny_model_dir, max_concurrent_streams=1) as held:
+        held.hold_inference()
+        first = held.stub.Predict(request(1))  # the one stream this connection may have
+        await until(lambda: ADMISSION.in_flight == 1 and queued() == 0, "the first call")
+        second = held.stub.Predict(request(2))  # waits in the client for a free stream
+        other = grpc.aio.insecure_channel(  # its own connection, not a shared subchannel
+            f"127.0.0.1:{held.server.port}", options=[("grpc.use_local_subchannel_pool", 1)]
+        )
+        try:
+            stub = predict_pb2_grpc.MnistServiceStub(other)
+            third = stub.Predict(request(3))  # another connection gets in all the same
+            await until(lambda: queued() >= 3, "the other connection's call to queue")
+            assert queued() == 3  # the second call is not in the server
+            held.release.set()
+            answers = [await call for call in (first, second, third)]
+            assert [tuple(a.classes.shape) for a in answers] == [(1,), (2,), (3,)]
+        finally:
+            await other.close(grace=None)
