@@ -1,4 +1,5 @@
-"""Stopping without failed calls, and what callers get is what the metrics count.
+"""Stopping without failed calls; what callers get is what the metrics count; connection
+limits that keep one client from starving the rest.
 
 Two kinds of test. Against the real process: SIGTERM while 32 clients have calls in the
 server, and the drain delay. In the test's own process (a real ModelServer on port 0, a
@@ -334,3 +335,26 @@ async def test_one_connection_cannot_hold_more_streams_than_its_share(
             assert [tuple(a.classes.shape) for a in answers] == [(1,), (2,), (3,)]
         finally:
             await other.close(grace=None)
+
+
+async def test_a_client_that_pings_too_often_is_sent_away(tiny_model_dir: Path) -> None:
+    async with started(tiny_model_dir) as held:
+        pinger = grpc.aio.insecure_channel(
+            f"127.0.0.1:{held.server.port}",
+            options=[
+                ("grpc.use_local_subchannel_pool", 1),
+                ("grpc.keepalive_time_ms", 200),  # far below --min-ping-interval (10 s)
+                ("grpc.keepalive_permit_without_calls", 1),
+                ("grpc.http2.max_pings_without_data", 0),
+            ],
+        )
+        try:
+            await pinger.channel_ready()
+            ready = grpc.ChannelConnectivity.READY
+            # Two strikes, then GOAWAY (too_many_pings): the connection leaves READY.
+            await asyncio.wait_for(pinger.wait_for_state_change(ready), 60)
+            assert pinger.get_state() != ready
+            # Everyone else is still served.
+            assert tuple((await held.stub.Predict(request(2))).classes.shape) == (2,)
+        finally:
+            await pinger.close(grace=None)
