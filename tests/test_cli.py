@@ -103,7 +103,7 @@ def test_health_of_a_server_that_never_answers_times_out(
         target = f"127.0.0.1:{silent.getsockname()[1]}"
         started = time.monotonic()
         code, out, err = cli(capsys, "health", "--target", target, "--timeout", "0.5")
-    assert time.monotonic() - started < 5
+    assert time.monotonic() - started < 60  # the deadline ended it: it did not hang
     assert (code, out) == (1, "")
     assert err.startswith(f"mnist-client: {target}: DEADLINE_EXCEEDED")
 
