@@ -440,3 +440,18 @@ def test_shapes_whose_product_overflows_int64_are_refused(channel: grpc.Channel)
     code, details = call(channel, path, request.SerializeToString())
     assert code == grpc.StatusCode.INVALID_ARGUMENT
     assert "[N, 28, 28] or [N, 784]" in details
+
+
+def test_an_oversized_request_is_refused_and_the_server_keeps_serving(
+    server: ServerProcess,
+) -> None:
+    options = [("grpc.max_send_message_length", 80 << 20)]
+    with grpc.insecure_channel(server.target, options=options) as channel:
+        huge = native_predict(1)
+        huge.images.content = bytes(65 << 20)  # over the server's 64 MiB limit
+        code, details = call(channel, "/mnist.v1.MnistService/Predict", huge.SerializeToString())
+        assert code == grpc.StatusCode.RESOURCE_EXHAUSTED, details
+        code, _ = call(
+            channel, "/mnist.v1.MnistService/Predict", native_predict(1).SerializeToString()
+        )
+        assert code == grpc.StatusCode.OK
