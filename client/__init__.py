@@ -10,7 +10,7 @@ No TensorFlow here: the base install is grpcio, protobuf, numpy and tqdm (Pillow
 """
 
 from .aio import AsyncMnistClient
-from .client import NO_RETRY, SERVICE_NAME, MnistClient, RetryPolicy
+from .client import NO_RETRY, SERVICE_NAME, MnistClient, RetryPolicy, tls_credentials
 from .codec import Prediction
 from .errors import (
     DeadlineExceeded,
@@ -40,4 +40,5 @@ __all__ = [
     "TensorSpec",
     "Unavailable",
     "VersionInfo",
+    "tls_credentials",
 ]

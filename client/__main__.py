@@ -20,7 +20,7 @@ from typing import Any
 import grpc
 import numpy as np
 
-from .client import DEFAULT_TIMEOUT, SERVICE_NAME, MnistClient
+from .client import DEFAULT_TIMEOUT, SERVICE_NAME, MnistClient, tls_credentials
 from .codec import Prediction
 from .errors import InputFileError, MnistError
 from .inputs import SPLITS, open_source
@@ -79,6 +79,13 @@ def _parser() -> argparse.ArgumentParser:
     common.add_argument(
         "--ca-cert", type=Path, metavar="PEM", help="use TLS, trusting this CA (implies --tls)"
     )
+    common.add_argument(
+        "--client-cert",
+        type=Path,
+        metavar="PEM",
+        help="present this certificate, for servers that require one (mutual TLS; implies --tls)",
+    )
+    common.add_argument("--client-key", type=Path, metavar="PEM", help="the key of --client-cert")
 
     health = commands.add_parser(
         "health", parents=[common], help="exit 0 iff the server is SERVING"
@@ -263,10 +270,10 @@ def _positive(kind: type[int] | type[float]) -> Any:
 
 
 def _credentials(args: argparse.Namespace) -> grpc.ChannelCredentials | None:
-    if args.ca_cert is not None:
-        return grpc.ssl_channel_credentials(root_certificates=args.ca_cert.read_bytes())
-    if args.tls:
-        return grpc.ssl_channel_credentials()
+    if (args.client_cert is None) != (args.client_key is None):
+        raise InputFileError("--client-cert and --client-key go together")
+    if args.tls or args.ca_cert is not None or args.client_cert is not None:
+        return tls_credentials(args.ca_cert, args.client_cert, args.client_key)
     return None
 
 

@@ -13,6 +13,7 @@ import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -115,6 +116,26 @@ def predict_request(
     )
 
 
+def tls_credentials(
+    ca_cert: Path | bytes | None = None,
+    client_cert: Path | bytes | None = None,
+    client_key: Path | bytes | None = None,
+) -> grpc.ChannelCredentials:
+    """TLS credentials: trust `ca_cert` (PEM; the system's roots when None) and, for a server
+    that requires client certificates (mutual TLS), present `client_cert` with its key."""
+    if (client_cert is None) != (client_key is None):
+        raise ValueError("a client certificate needs its key, and a key its certificate")
+
+    def pem(value: Path | bytes | None) -> bytes | None:
+        return value.read_bytes() if isinstance(value, Path) else value
+
+    return grpc.ssl_channel_credentials(
+        root_certificates=pem(ca_cert),
+        private_key=pem(client_key),
+        certificate_chain=pem(client_cert),
+    )
+
+
 def status_name(status: int) -> str:
     return str(health_pb2.HealthCheckResponse.ServingStatus.Name(status))
 
@@ -180,8 +201,9 @@ class MnistClient(ClientSettings):
     `connections` channels).
 
     `timeout` is each RPC's deadline in seconds, retries included (a big `predict` makes one
-    RPC per `max_images_per_request` images). `credentials` (e.g.
-    `grpc.ssl_channel_credentials(...)`) selects TLS. Use as a context manager, or `close()`.
+    RPC per `max_images_per_request` images). `credentials` selects TLS: `tls_credentials(
+    ca_cert, client_cert, client_key)` (the last two for a server that requires client
+    certificates), or any grpc.ChannelCredentials. Use as a context manager, or `close()`.
     """
 
     def _connect(

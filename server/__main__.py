@@ -53,6 +53,8 @@ async def serve(settings: Settings, worker: WorkerLink | None = None) -> bool:
         starting.cancel()  # a no-op once started; before that, the first load may take long
         if stopping is None:
             stopping = loop.create_task(server.stop())
+        else:
+            server.end_drain()  # asked twice: stop accepting now; in-flight calls still finish
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, on_signal, signum)

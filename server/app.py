@@ -4,15 +4,18 @@ port on the same event loop (REST APIs, /metrics), shutdown."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from grpc_health.v1 import _async as health_aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
+from . import tls
+from .admission import ADMISSION
 from .api import http, native, tfserving, v2
 from .api.reflection import reflection_pool
 from .core import InferenceCore
@@ -30,6 +33,41 @@ MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 NATIVE_SERVICE = native.SERVICE.full_name
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+# On shutdown, once the last admitted call is done: how long no call may arrive before the
+# transport is shut down (see rpc.Admission.drain), and how long streams (health Watch)
+# then get before gRPC cancels them.
+QUIET_SECONDS = 0.1
+STREAM_GRACE_SECONDS = 1.0
+
+
+def grpc_options(settings: Settings, *, shared_port: bool = False) -> list[tuple[str, Any]]:
+    """Message limits, and the connection hygiene that keeps one client from starving the
+    rest (README, "Connection limits")."""
+
+    def ms(seconds: float) -> int:
+        return int(seconds * 1000)
+
+    options: list[tuple[str, Any]] = [
+        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        # Workers share the port (the kernel spreads connections over them); a lone
+        # server must fail on a port that another server holds.
+        ("grpc.so_reuseport", int(shared_port)),
+        ("grpc.max_concurrent_streams", settings.max_concurrent_streams),
+        ("grpc.keepalive_time_ms", ms(settings.keepalive_time)),
+        ("grpc.keepalive_timeout_ms", ms(settings.keepalive_timeout)),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_ping_interval_without_data_ms", ms(settings.min_ping_interval)),
+        ("grpc.http2.max_ping_strikes", 2),
+    ]
+    if settings.max_connection_idle:
+        options.append(("grpc.max_connection_idle_ms", ms(settings.max_connection_idle)))
+    if settings.max_connection_age:
+        # GOAWAY after this long (gRPC adds +-10% jitter): the client reconnects, and the
+        # kernel may hand the new connection to another worker. Calls in flight finish first.
+        options.append(("grpc.max_connection_age_ms", ms(settings.max_connection_age)))
+        options.append(("grpc.max_connection_age_grace_ms", ms(settings.grace_period)))
+    return options
 
 
 class ModelServer:
@@ -49,25 +87,25 @@ class ModelServer:
         self.registry = ModelRegistry(settings, self._inference)
         self.core = InferenceCore(self.registry, settings)
         self.health = health_aio.HealthServicer()
-        self._grpc = grpc.aio.server(
-            options=[
-                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-                # Workers share the port (the kernel spreads connections over them); a lone
-                # server must fail on a port that another server holds.
-                ("grpc.so_reuseport", int(worker is not None)),
-                *_connection_age(settings.max_connection_age),
-            ]
-        )
+        self._grpc = grpc.aio.server(options=grpc_options(settings, shared_port=worker is not None))
+        self._health_grpc: grpc.aio.Server | None = None
         self._http = http.HttpListener(
             http.application(self.core, MAX_MESSAGE_BYTES),
             settings.grace_period,
             reuse_port=worker is not None,
+            ssl_context=(
+                tls.ssl_context(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
+                if settings.tls_cert is not None and settings.tls_key is not None
+                else None
+            ),
         )
         self._metrics_http: http.HttpListener | None = None
         self._poller: asyncio.Task[None] | None = None
-        self.port = self.http_port = 0
+        self.port = self.http_port = self.health_port = 0
         self.metrics_port: int | None = None
+        self._serving = False
+        self._stopping = False
+        self._drain_over = asyncio.Event()
         self._stopped = asyncio.Event()
 
     async def start(self) -> None:
@@ -76,6 +114,7 @@ class ModelServer:
         The HTTP port opens first: during a long first load /v2/health/live answers and
         /v2/health/ready says 503.
         """
+        ADMISSION.open()
         for service in ("", NATIVE_SERVICE):
             await self.health.set(service, NOT_SERVING)
         self.http_port = await self._http.start(self.settings.host, self.settings.http_port)
@@ -104,9 +143,18 @@ class ModelServer:
             pool=reflection_pool(described),
         )
         address = f"{self.settings.host}:{self.settings.port}"
-        self.port = self._grpc.add_insecure_port(address)
+        settings = self.settings
+        if settings.tls_cert is not None and settings.tls_key is not None:
+            files = tls.CertificateFiles(
+                settings.tls_cert, settings.tls_key, settings.tls_client_ca
+            )
+            self.port = self._grpc.add_secure_port(address, tls.server_credentials(files))
+        else:
+            self.port = self._grpc.add_insecure_port(address)
         if self.port == 0:
             raise StartupError(f"cannot listen on {address}")
+        if settings.health_port is not None:
+            await self._start_health_port(f"{settings.host}:{settings.health_port}")
         if self.settings.metrics_port is not None and self.worker is None:
             self._metrics_http = http.HttpListener(http.metrics_application(), 0)
             self.metrics_port = await self._metrics_http.start(
@@ -117,7 +165,7 @@ class ModelServer:
             await self.worker.serve(self.health, services)
         for service in ("", *services):
             await self.health.set(service, SERVING)
-        self.core.ready = True
+        self.core.ready = self._serving = True
         if self.settings.poll_interval > 0:
             self._poller = asyncio.get_running_loop().create_task(self.registry.poll())
         logger.info(
@@ -126,6 +174,8 @@ class ModelServer:
                 "port": self.port,
                 "http_port": self.http_port,
                 **({} if self.metrics_port is None else {"metrics_port": self.metrics_port}),
+                "tls": "mutual" if self.settings.tls_client_ca else self.settings.tls,
+                **({"health_port": self.health_port} if self._health_grpc else {}),
                 "model": self.settings.model_name,
                 "versions": [s.version for s in self.registry.served],
                 "runtimes": ",".join(
@@ -135,18 +185,47 @@ class ModelServer:
             },
         )
 
+    async def _start_health_port(self, address: str) -> None:
+        """A plaintext listener with only grpc.health.v1, for probes that cannot do TLS."""
+        self._health_grpc = grpc.aio.server(
+            options=[("grpc.so_reuseport", int(self.worker is not None))]
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._health_grpc)
+        self.health_port = self._health_grpc.add_insecure_port(address)
+        if self.health_port == 0:
+            raise StartupError(f"cannot listen on {address}")
+        await self._health_grpc.start()
+
+    def end_drain(self) -> None:
+        """Skip what is left of the drain delay (a second SIGTERM or Ctrl-C)."""
+        self._drain_over.set()
+
     async def stop(self, grace: float | None = None) -> None:
-        """Say NOT_SERVING, refuse new calls, let in-flight ones finish within `grace`."""
-        if self._stopped.is_set():
+        """Say NOT_SERVING; keep answering for the drain delay; then refuse new calls
+        (UNAVAILABLE, HTTP 503) and let admitted ones finish within `grace`."""
+        if self._stopping:
             return
+        self._stopping = True
         grace = self.settings.grace_period if grace is None else grace
-        logger.info("shutting down", extra={"grace_seconds": grace})
-        self.core.ready = False
+        drain = self.settings.drain_delay
+        logger.info("shutting down", extra={"drain_seconds": drain, "grace_seconds": grace})
+        self.core.ready = False  # /v2/health/ready says 503 from now on
         await self.health.enter_graceful_shutdown()
         if self._poller is not None:
             self._poller.cancel()  # also abandons a load in progress: see registry.loading
             await asyncio.gather(self._poller, return_exceptions=True)
-        await asyncio.gather(self._grpc.stop(grace), self._http.stop())
+        if drain > 0 and self._serving:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._drain_over.wait(), drain)
+        logger.info("refusing new calls", extra={"in_flight": ADMISSION.in_flight})
+        cut = await ADMISSION.drain(grace, QUIET_SECONDS)
+        if cut:
+            logger.warning(
+                "grace period over; calls still running answered UNAVAILABLE", extra={"calls": cut}
+            )
+        await asyncio.gather(self._grpc.stop(STREAM_GRACE_SECONDS), self._http.stop())
+        if self._health_grpc is not None:
+            await self._health_grpc.stop(0)
         await self.registry.close()
         if self._metrics_http is not None:
             await self._metrics_http.stop()
@@ -156,9 +235,3 @@ class ModelServer:
 
     async def wait_stopped(self) -> None:
         await self._stopped.wait()
-
-
-def _connection_age(seconds: float) -> list[tuple[str, int]]:
-    """GOAWAY after `seconds` (gRPC adds +-10% jitter): the client reconnects, and the
-    kernel may hand the new connection to another worker. Calls in flight finish first."""
-    return [] if seconds <= 0 else [("grpc.max_connection_age_ms", int(seconds * 1000))]

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, FilePath, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -96,6 +96,44 @@ class Settings(BaseSettings):
         description="what runs a version: auto (its LiteRT twin when it has one, else "
         "TensorFlow), litert (twins only), tensorflow (the SavedModel, always)",
     )
+    drain_delay: float = Field(
+        0.0,
+        ge=0,
+        description="seconds the server keeps answering after SIGTERM, health already "
+        "NOT_SERVING, so that balancers and clients move away; then it stops accepting and "
+        "gives in-flight calls --grace-period (a second signal ends the delay early)",
+    )
+    tls_cert: FilePath | None = Field(
+        None, description="PEM certificate chain: serve gRPC over TLS (re-read when it changes)"
+    )
+    tls_key: FilePath | None = Field(None, description="PEM private key of --tls-cert")
+    tls_client_ca: FilePath | None = Field(
+        None, description="PEM CA bundle: require client certificates it signed (mutual TLS)"
+    )
+    health_port: int | None = Field(
+        None,
+        ge=0,
+        le=65535,
+        description="a plaintext port serving only grpc.health.v1 (0 picks a free one): "
+        "for probes that cannot speak TLS, such as Kubernetes' grpc probes",
+    )
+    max_concurrent_streams: int = Field(
+        128, ge=1, description="calls one connection may have open at once; more wait client-side"
+    )
+    keepalive_time: float = Field(
+        60.0, gt=0, description="seconds of silence before the server pings a connection"
+    )
+    keepalive_timeout: float = Field(
+        20.0, gt=0, description="seconds to wait for a ping's answer before dropping a connection"
+    )
+    min_ping_interval: float = Field(
+        10.0,
+        ge=0,
+        description="clients that ping more often than this get GOAWAY (after two strikes)",
+    )
+    max_connection_idle: float = Field(
+        300.0, ge=0, description="close connections without calls for this long (0: never)"
+    )
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     verbose_tensorflow: bool = Field(
         False, description="let TensorFlow and LiteRT print their start-up logs (CUDA, XNNPACK)"
@@ -121,4 +159,12 @@ class Settings(BaseSettings):
             raise ValueError("version_policy 'specific' needs --versions, e.g. --versions 1,2")
         if any(v < 1 for v in self.versions):
             raise ValueError("versions are positive integers")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("TLS needs both --tls-cert and --tls-key")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ValueError("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key")
         return self
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert is not None

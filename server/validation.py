@@ -16,15 +16,14 @@ PIXELS = IMAGE_SIDE * IMAGE_SIDE
 # Little-endian on the wire, whatever the host.
 DTYPES: dict[str, np.dtype] = {"uint8": np.dtype("u1"), "float32": np.dtype("<f4")}
 ACCEPTED_SHAPES = "[N, 28, 28] or [N, 784]"
+SHOWN_DIMS = 6  # a shape quoted in an error message shows at most this many dims
 
 
 def decode_images(dtype: str, shape: Sequence[int], content: bytes, max_images: int) -> np.ndarray:
     """The request's images as a read-only [N, 28, 28] array of `dtype`, without copying."""
     if dtype not in DTYPES:
         raise InvalidInput(f"images dtype {dtype} is not accepted; send uint8 or float32")
-    shape = tuple(map(int, shape))
-    if shape[1:] not in ((IMAGE_SIDE, IMAGE_SIDE), (PIXELS,)):
-        raise InvalidInput(f"images shape {list(shape)} is not accepted; send {ACCEPTED_SHAPES}")
+    shape = check_shape(shape)
     count = shape[0]
     if count < 1:
         raise InvalidInput("a request must carry at least one image (N >= 1)")
@@ -43,6 +42,26 @@ def decode_images(dtype: str, shape: Sequence[int], content: bytes, max_images: 
     if dtype == "float32":
         check_scaled(images)
     return images
+
+
+def check_shape(shape: Sequence[int]) -> tuple[int, ...]:
+    """The shape as ints if it is [N, 28, 28] or [N, 784] for some N (checked later)."""
+    if len(shape) not in (2, 3):
+        raise InvalidInput(
+            f"images shape {show_shape(shape)} has {len(shape)} dims; send {ACCEPTED_SHAPES}"
+        )
+    dims = tuple(int(d) for d in shape)
+    if dims[1:] not in ((IMAGE_SIDE, IMAGE_SIDE), (PIXELS,)):
+        raise InvalidInput(f"images shape {list(dims)} is not accepted; send {ACCEPTED_SHAPES}")
+    return dims
+
+
+def show_shape(shape: Sequence[int]) -> str:
+    """A shape for an error message, however many dims the request sent."""
+    if len(shape) <= SHOWN_DIMS:
+        return str([int(d) for d in shape])
+    head = ", ".join(str(int(d)) for d in shape[:SHOWN_DIMS])
+    return f"[{head}, ... ({len(shape)} dims)]"
 
 
 def check_scaled(images: np.ndarray) -> None:

@@ -54,7 +54,7 @@ SETTINGS_ENV = "MNIST_WORKER_SETTINGS"
 # a health check on a connection tells which worker that connection reached.
 WORKER_HEALTH_PREFIX = "mnist_serving.worker."
 # The ports every worker serves; settings with port 0 get one picked here, shared by all.
-SHARED_PORTS = ("port", "http_port")
+SHARED_PORTS = ("port", "http_port", "health_port")
 FIRST_BACKOFF = 0.5  # seconds before the first restart of a worker that died
 MAX_BACKOFF = 30.0
 BACKOFF_RESET = 60.0  # a worker that lived this long restarts after FIRST_BACKOFF again
@@ -250,7 +250,10 @@ class Supervisor:
         try:
             shared = {}
             for name in SHARED_PORTS:
-                self._held.append(reserve_port(self.settings.host, getattr(self.settings, name)))
+                port = getattr(self.settings, name)
+                if port is None:  # an optional port that is off
+                    continue
+                self._held.append(reserve_port(self.settings.host, port))
                 shared[name] = self._held[-1].getsockname()[1]
             worker_settings = self.settings.model_copy(update=shared)
             if self.settings.metrics_port is not None:

@@ -25,9 +25,11 @@ class RecordingModel:
         self.drop_one = drop_one
         self.release = threading.Event()
         self.release.set()
+        self.entered = threading.Event()  # set once the model has been called
 
     def __call__(self, images: np.ndarray) -> Prediction:
-        self.release.wait(5)
+        self.entered.set()
+        self.release.wait(60)
         self.calls.append(len(images))
         time.sleep(self.delay)
         if self.fail:
@@ -43,6 +45,11 @@ def tagged(tag: int, count: int = 1) -> np.ndarray:
     images = np.zeros((count, 28, 28), dtype=np.uint8)
     images[:, 0, 0] = tag
     return images
+
+
+async def holding(model: RecordingModel) -> None:
+    """Until the model has been called (and, with release cleared, is holding its thread)."""
+    assert await asyncio.to_thread(model.entered.wait, 60), "the model was never called"
 
 
 @pytest.fixture
@@ -69,9 +76,9 @@ async def test_requests_queued_while_the_model_is_busy_run_together(
     batcher = make(model, executor)
     model.release.clear()
     first = asyncio.ensure_future(batcher.submit(tagged(1)))
-    await asyncio.sleep(0.05)  # the first call is now holding the model
+    await holding(model)
     rest = [asyncio.ensure_future(batcher.submit(tagged(t))) for t in range(2, 7)]
-    await asyncio.sleep(0.05)
+    await asyncio.sleep(0)  # each of them runs up to its wait: all five are queued
     model.release.set()
     results = await asyncio.gather(first, *rest)
     assert model.calls == [1, 5]
@@ -81,10 +88,10 @@ async def test_requests_queued_while_the_model_is_busy_run_together(
 
 async def test_a_full_batch_flushes_before_the_timeout(executor: ThreadPoolExecutor) -> None:
     model = RecordingModel()
-    batcher = make(model, executor, timeout=10.0)
-    started = time.monotonic()
-    results = await asyncio.gather(*(batcher.submit(tagged(t, 2)) for t in range(4)))
-    assert time.monotonic() - started < 5  # 8 images = max_batch_size: no 10 s wait
+    batcher = make(model, executor, timeout=3600.0)  # only a full batch can end the wait
+    results = await asyncio.wait_for(
+        asyncio.gather(*(batcher.submit(tagged(t, 2)) for t in range(4))), 60
+    )
     assert model.calls == [8]
     assert [r.classes.tolist() for r in results] == [[0, 0], [1, 1], [2, 2], [3, 3]]
     await batcher.close()
@@ -95,12 +102,11 @@ async def test_the_timeout_flushes_a_partial_batch(executor: ThreadPoolExecutor)
     batcher = make(model, executor, timeout=0.2)
     started = time.monotonic()
     first = asyncio.ensure_future(batcher.submit(tagged(1)))
-    await asyncio.sleep(0.05)
     second = asyncio.ensure_future(batcher.submit(tagged(2)))
     await asyncio.gather(first, second)
     waited = time.monotonic() - started
-    assert model.calls == [2]  # the second joined the first within its wait
-    assert waited >= 0.2  # the oldest request's timeout, not restarted by the second
+    assert model.calls == [2]  # both queued before the batcher looked: one partial batch
+    assert waited >= 0.2  # which waited for the timeout, as it was not full
     await batcher.close()
 
 
@@ -167,9 +173,9 @@ async def test_a_full_queue_sheds_new_requests_at_once(executor: ThreadPoolExecu
     batcher = make(model, executor, max_batch_size=4, max_queued_images=6)
     model.release.clear()
     running = asyncio.ensure_future(batcher.submit(tagged(0, 4)))
-    await asyncio.sleep(0.05)  # taken off the queue, holding the model
+    await holding(model)  # taken off the queue, holding the model
     queued = asyncio.ensure_future(batcher.submit(tagged(1, 5)))
-    await asyncio.sleep(0.01)
+    await asyncio.sleep(0)  # queued now
     with pytest.raises(Overloaded, match="queue is full"):
         await batcher.submit(tagged(2, 2))
     model.release.set()
@@ -194,12 +200,12 @@ async def test_close_finishes_queued_requests_and_refuses_new_ones(
 
 async def test_a_cancelled_caller_is_skipped(executor: ThreadPoolExecutor) -> None:
     model = RecordingModel()
-    batcher = make(model, executor, timeout=0.1)
+    batcher = make(model, executor, timeout=3600.0)  # only a full batch is taken
     gone = asyncio.ensure_future(batcher.submit(tagged(1)))
-    await asyncio.sleep(0.01)
+    await asyncio.sleep(0)  # queued now
     gone.cancel()
-    assert (await batcher.submit(tagged(2))).classes.tolist() == [2]
-    assert model.calls == [1]
+    assert (await batcher.submit(tagged(2, 8))).classes.tolist() == [2] * 8
+    assert model.calls == [8]
     await batcher.close()
 
 

@@ -523,8 +523,15 @@ def test_server_restarts_and_stops_gracefully(compose: dict[str, Any]) -> None:
     assert server.get("restart") in {"unless-stopped", "on-failure", "always"}
     assert server.get("stop_signal", "SIGTERM") == "SIGTERM"
     assert "stop_grace_period" in server, "no stop_grace_period: Docker kills after 10s"
-    drain = float(environment(server).get("MNIST_SERVING_GRACE_PERIOD", "0"))
-    assert seconds(server["stop_grace_period"]) > drain, "Docker would SIGKILL mid-drain"
+    env = environment(server)
+    drain = float(env.get("MNIST_SERVING_DRAIN_DELAY", "0"))
+    grace = float(env.get("MNIST_SERVING_GRACE_PERIOD", "10"))  # the server's defaults
+    assert drain > 0, "no MNIST_SERVING_DRAIN_DELAY: clients see refusals the moment it stops"
+    # The server stops within drain + grace + about a second for streams to close.
+    stop = seconds(server["stop_grace_period"])
+    assert stop >= drain + grace + 2, (
+        f"Docker would SIGKILL mid-drain ({stop} s < {drain + grace} s)"
+    )
 
 
 def test_server_polls_for_new_versions(compose: dict[str, Any]) -> None:

@@ -8,6 +8,7 @@ port. Unknown paths and methods get a JSON error too; bodies beyond the size lim
 from __future__ import annotations
 
 import logging
+import ssl
 
 import grpc
 from aiohttp import web
@@ -69,19 +70,29 @@ def metrics_application() -> web.Application:
 class HttpListener:
     """One aiohttp app on one port: `port = await start(host, port)`, then `await stop()`."""
 
-    def __init__(self, app: web.Application, grace: float, *, reuse_port: bool = False) -> None:
+    def __init__(
+        self,
+        app: web.Application,
+        grace: float,
+        *,
+        reuse_port: bool = False,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
         self._runner = web.AppRunner(
             app, access_log=None, handle_signals=False, shutdown_timeout=grace
         )
         # Only workers share a port (the kernel spreads connections over them); a lone
         # server must fail on a port that another server holds.
         self._reuse_port = reuse_port
+        self._ssl_context = ssl_context  # TLS on the HTTP port, as on the gRPC one
         self._started = False
 
     async def start(self, host: str, port: int) -> int:
         self._started = True
         await self._runner.setup()
-        site = web.TCPSite(self._runner, host, port, reuse_port=self._reuse_port)
+        site = web.TCPSite(
+            self._runner, host, port, reuse_port=self._reuse_port, ssl_context=self._ssl_context
+        )
         await site.start()
         return int(self._runner.addresses[0][1])
 

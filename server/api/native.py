@@ -13,7 +13,7 @@ from .rpc import service_handler
 
 SERVICE = pb.DESCRIPTOR.services_by_name["MnistService"]
 
-DTYPE_NAMES = {pb.DATA_TYPE_UINT8: "uint8", pb.DATA_TYPE_FLOAT32: "float32"}
+DTYPE_NAMES: dict[int, str] = {pb.DATA_TYPE_UINT8: "uint8", pb.DATA_TYPE_FLOAT32: "float32"}
 _INPUTS = [
     pb.TensorSpec(name="images", dtype=dtype, shape=shape)
     for dtype in (pb.DATA_TYPE_UINT8, pb.DATA_TYPE_FLOAT32)
@@ -29,6 +29,17 @@ def handlers(core: InferenceCore) -> list[grpc.GenericRpcHandler[Any, Any]]:
     return [service_handler(SERVICE, "native", MnistServicer(core))]
 
 
+def dtype_name(dtype: int) -> str:
+    """The core's name for an accepted dtype; any other value (an enum number this proto
+    does not define included) is named for the error message."""
+    if dtype in DTYPE_NAMES:
+        return DTYPE_NAMES[dtype]
+    try:
+        return str(pb.DataType.Name(dtype))
+    except ValueError:
+        return f"DataType {dtype} (not a value of mnist.v1.DataType)"
+
+
 class MnistServicer:
     def __init__(self, core: InferenceCore) -> None:
         self.core = core
@@ -40,7 +51,7 @@ class MnistServicer:
         answer = await self.core.predict(
             model_name=request.model_spec.name,
             version=request.model_spec.version,
-            dtype=DTYPE_NAMES.get(images.dtype) or pb.DataType.Name(images.dtype),
+            dtype=dtype_name(images.dtype),
             shape=images.shape,
             content=images.content,
             time_remaining=context.time_remaining(),

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import sys
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -21,7 +22,8 @@ import numpy as np
 from aiohttp import web
 
 from .. import metrics
-from ..errors import InvalidInput, RequestTooLarge, http_status_of
+from ..admission import ADMISSION, CUT
+from ..errors import InvalidInput, RequestTooLarge, ShuttingDown, http_status_of
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 # A caller's time budget for one call, in milliseconds: TF Serving's REST API has no
@@ -37,16 +39,24 @@ def counted(api: str, method: str, impl: Handler) -> Handler:
     async def handle(request: web.Request) -> web.StreamResponse:
         started = time.perf_counter()
         code = grpc.StatusCode.OK
+        task = None
         metrics.IN_FLIGHT.inc()
         try:
+            task = ADMISSION.enter()  # ShuttingDown (503) once the server stops admitting
             return await impl(request)
         except asyncio.CancelledError:
-            code = grpc.StatusCode.CANCELLED
-            raise
+            if not ADMISSION.was_cut(task):
+                code = grpc.StatusCode.CANCELLED  # the client went away
+                raise
+            if task is not None and sys.version_info >= (3, 11):
+                task.uncancel()  # our own cancellation at the end of the grace period
+            status, code, message = http_status_of(ShuttingDown(CUT))
+            return error_response(status, message)
         except Exception as error:
             status, code, message = http_status_of(error)
             return error_response(status, message)
         finally:
+            ADMISSION.leave(task)
             metrics.IN_FLIGHT.dec()
             seconds.observe(time.perf_counter() - started)
             metrics.REQUESTS.labels(api, method, code.name).inc()

@@ -8,12 +8,16 @@ declares but this server does not implement answers UNIMPLEMENTED, counted as su
 
 Servicers are plain classes: an `async def Method(request, context)` per implemented RPC,
 raising domain errors, never calling context.abort themselves.
+
+Every call passes `ADMISSION` (server/admission.py), which refuses calls once the server
+stops admitting and lets shutdown wait for the admitted ones.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -24,6 +28,7 @@ from google.protobuf.descriptor import ServiceDescriptor
 from google.protobuf.message import DecodeError, Message
 
 from .. import metrics
+from ..admission import ADMISSION, CUT
 from ..errors import InvalidInput, NotImplementedHere, status_of
 
 logger = logging.getLogger(__name__)
@@ -31,6 +36,13 @@ logger = logging.getLogger(__name__)
 Context = grpc.aio.ServicerContext[Any, Any]
 Method = Callable[[Any, Context], Awaitable[Message]]
 UNDECODABLE_LOG_INTERVAL = 10.0  # seconds between log lines about undecodable requests
+# Status details travel in an HTTP/2 trailer; clients refuse trailers over 8-16 KiB, so a
+# message that quotes a huge field of the request would turn into a client-side error.
+MAX_DETAILS = 1000
+CUT_SHORT = " ... (cut short)"
+# A cancellation this close to the call's deadline is counted as the deadline: see
+# _cancelled_status.
+DEADLINE_SLACK = 1.0
 
 
 def service_handler(
@@ -74,8 +86,10 @@ def _method(
         started = time.perf_counter()
         code = grpc.StatusCode.OK
         message = ""
+        task = None
         metrics.IN_FLIGHT.inc()
         try:
+            task = ADMISSION.enter()
             if impl is None:
                 raise NotImplementedHere(unimplemented)
             try:
@@ -85,11 +99,18 @@ def _method(
                 raise InvalidInput(f"the request is not a valid {full_name} message") from None
             return await impl(request, context)
         except asyncio.CancelledError:
-            code = grpc.StatusCode.CANCELLED
-            raise
+            if not ADMISSION.was_cut(task):
+                # gRPC cancels the handler when the caller cancels or its deadline passes:
+                # count what the caller sees.
+                code = _cancelled_status(context)
+                raise
+            if task is not None and sys.version_info >= (3, 11):
+                task.uncancel()  # our own cancellation, answered below
+            code, message = grpc.StatusCode.UNAVAILABLE, CUT
         except Exception as error:
             code, message = status_of(error)
         finally:
+            ADMISSION.leave(task)
             # Recorded before the status is sent, so a caller that has its answer also
             # finds it counted.
             metrics.IN_FLIGHT.dec()
@@ -99,10 +120,24 @@ def _method(
                 if code is grpc.StatusCode.OK
                 else metrics.REQUESTS.labels(api, name, code.name)
             ).inc()
+        if len(message) > MAX_DETAILS:
+            message = message[: MAX_DETAILS - len(CUT_SHORT)] + CUT_SHORT
         await context.abort(code, message)
         raise AssertionError("unreachable: abort raises")
 
     return handle
+
+
+def _cancelled_status(context: Context) -> grpc.StatusCode:
+    """DEADLINE_EXCEEDED when the caller's deadline is (about) up, else CANCELLED.
+
+    A client whose deadline passes resets the stream; that reset can reach the server a
+    little before the server's copy of the deadline, which started when the call arrived.
+    """
+    remaining = context.time_remaining()
+    if remaining is not None and remaining < DEADLINE_SLACK:
+        return grpc.StatusCode.DEADLINE_EXCEEDED
+    return grpc.StatusCode.CANCELLED
 
 
 _last_logged = -UNDECODABLE_LOG_INTERVAL

@@ -36,6 +36,7 @@ from mnist_serving.protos.tensorflow_serving.apis import (
 
 from ..core import InferenceCore, VersionReport
 from ..errors import InvalidInput, ModelNotFound
+from ..validation import check_shape
 from .rpc import service_handler
 
 logger = logging.getLogger(__name__)
@@ -213,7 +214,7 @@ def images_for_core(inputs: Any, signature: str) -> tuple[str, list[int], bytes]
         raise InvalidInput(dtype_mismatch(signature, expected, tensor.dtype))
     if tensor.tensor_shape.unknown_rank:
         raise InvalidInput("images needs a known shape: [N, 28, 28] or [N, 784]")
-    shape = [int(d.size) for d in tensor.tensor_shape.dim]
+    shape = list(check_shape([d.size for d in tensor.tensor_shape.dim]))
     return CORE_DTYPES[expected], shape, tensor_bytes(tensor, shape)
 
 
