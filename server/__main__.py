@@ -83,6 +83,9 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(supervise(settings))
     try:
         load_abandoned = asyncio.run(serve(settings, worker))
+        # Stopped cleanly: a repeated SIGTERM while the interpreter exits must not turn
+        # exit code 0 into death by signal (the event loop's handlers are gone by now).
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
     except (StartupError, OSError) as error:
         if worker is not None:
             worker.failed(str(error))  # the supervisor reports it, once for every worker

@@ -49,7 +49,7 @@ async def json_router_errors(request: web.Request, handler: rest.Handler) -> web
 
 def application(core: InferenceCore, max_body_bytes: int) -> web.Application:
     app = web.Application(client_max_size=max_body_bytes, middlewares=[json_router_errors])
-    app["max_body_bytes"] = max_body_bytes
+    app[rest.MAX_BODY_BYTES] = max_body_bytes
     app.add_routes(
         [
             *tfserving_rest.routes(core),

@@ -30,6 +30,8 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 # deadline of its own, and this one header serves both REST APIs alike.
 TIMEOUT_HEADER = "X-Request-Timeout-Ms"
 JSON = "application/json"
+# The largest body the app accepts (its client_max_size), for error messages.
+MAX_BODY_BYTES = web.AppKey("max_body_bytes", int)
 
 
 def counted(api: str, method: str, impl: Handler) -> Handler:
@@ -81,7 +83,7 @@ async def read_body(request: web.Request) -> bytes:
         return await request.read()
     except web.HTTPRequestEntityTooLarge:
         raise RequestTooLarge(
-            f"the request body exceeds {request.app['max_body_bytes']} bytes; split the batch"
+            f"the request body exceeds {request.app[MAX_BODY_BYTES]} bytes; split the batch"
         ) from None
 
 
