@@ -33,6 +33,8 @@ import numpy as np
 from mnist_serving.server.launcher import ServerProcess
 from mnist_serving.server.runtimes import RuntimeSetting
 
+from .echo import EchoProcess
+
 NAN = float("nan")
 
 
@@ -185,20 +187,6 @@ def scoring_images_per_s(target: str, runs: int = 5) -> dict[str, Any]:
         "p50_ms": float("nan"),
         "p99_ms": float("nan"),
     }
-
-
-class EchoProcess:
-    def __init__(self) -> None:
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "bench.echo", "--port", "0"], stdout=subprocess.PIPE, text=True
-        )
-        assert self.process.stdout is not None
-        line = self.process.stdout.readline()
-        self.target = f"127.0.0.1:{int(line.strip().split('=')[1])}"
-
-    def stop(self) -> None:
-        self.process.terminate()
-        self.process.wait(30)
 
 
 def run(model_dir: Path, seconds: float, server_args: list[str]) -> list[Row]:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import subprocess
+import sys
 from typing import Any
 
 import grpc
@@ -45,6 +47,22 @@ async def serve(port: int) -> None:
     await server.start()
     print(f"port={bound}", flush=True)
     await server.wait_for_termination()
+
+
+class EchoProcess:
+    """This echo server in a process of its own, on a free port (for the benchmarks)."""
+
+    def __init__(self) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "bench.echo", "--port", "0"], stdout=subprocess.PIPE, text=True
+        )
+        assert self.process.stdout is not None
+        line = self.process.stdout.readline()
+        self.target = f"127.0.0.1:{int(line.strip().split('=')[1])}"
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(30)
 
 
 def main() -> None:

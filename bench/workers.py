@@ -36,6 +36,8 @@ from mnist_serving.protos.mnist.v1 import predict_pb2 as pb
 from mnist_serving.protos.mnist.v1 import predict_pb2_grpc
 from mnist_serving.server.launcher import ServerProcess
 
+from .echo import EchoProcess
+
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 BATCH = 256
 BATCH_CLIENTS = 4
@@ -173,20 +175,6 @@ def worker_pids(server: ServerProcess) -> list[int]:
         if found:
             pids[found.group(1)] = int(found.group(2))
     return list(pids.values()) or [server.process.pid]
-
-
-class EchoProcess:
-    def __init__(self) -> None:
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "bench.echo", "--port", "0"], stdout=subprocess.PIPE, text=True
-        )
-        assert self.process.stdout is not None
-        line = self.process.stdout.readline()
-        self.target = f"127.0.0.1:{int(line.strip().split('=')[1])}"
-
-    def stop(self) -> None:
-        self.process.terminate()
-        self.process.wait(30)
 
 
 def run(args: argparse.Namespace) -> tuple[list[Row], dict[int, list[float]]]:

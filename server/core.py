@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import NotReady
+from .errors import ModelNotFound, NotReady
 from .runtimes import NUM_CLASSES, Prediction
 from .settings import Settings
 from .validation import decode_images
@@ -75,3 +75,18 @@ class InferenceCore:
             VersionReport(s.version, s.model.report, s.model.signature_defs, s.model.runtime)
             for s in self.registry.served
         ]
+
+    def chosen_versions(self, model_name: str, version: int) -> list[VersionReport]:
+        """The version a caller pins, or every loaded one (newest first) for version 0;
+        NOT_FOUND when the pinned one is not loaded. What every API's status and metadata
+        calls answer from."""
+        versions = self.versions(model_name)
+        if not version:
+            return versions
+        chosen = [v for v in versions if v.version == version]
+        if not chosen:
+            loaded = ", ".join(str(v.version) for v in versions) or "none"
+            raise ModelNotFound(
+                f"version {version} of {self.model_name!r} is not loaded (loaded: {loaded})"
+            )
+        return chosen

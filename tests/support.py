@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import urllib.request
 
+import grpc
+import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
 
+from mnist_serving.protos.mnist.v1 import predict_pb2 as pb
+from mnist_serving.protos.mnist.v1 import predict_pb2_grpc
 from mnist_serving.server.launcher import ServerProcess
 
-__all__ = ["Samples", "ServerProcess", "scrape"]
+__all__ = ["Samples", "ServerProcess", "native", "scrape"]
 
 # Every sample of a /metrics page, keyed by (name, sorted labels).
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
@@ -23,3 +27,18 @@ def scrape(server: ServerProcess) -> Samples:
         for family in text_string_to_metric_families(text)
         for sample in family.samples
     }
+
+
+def native(target: str, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Probabilities and classes for `images` through the native gRPC API."""
+    with grpc.insecure_channel(
+        target, options=[("grpc.max_send_message_length", 64 << 20)]
+    ) as channel:
+        dtype = pb.DATA_TYPE_UINT8 if images.dtype == np.uint8 else pb.DATA_TYPE_FLOAT32
+        answer = predict_pb2_grpc.MnistServiceStub(channel).Predict(
+            pb.PredictRequest(
+                images=pb.Tensor(dtype=dtype, shape=images.shape, content=images.tobytes())
+            )
+        )
+    probabilities = np.frombuffer(answer.probabilities.content, "<f4").reshape(-1, 10)
+    return probabilities, np.frombuffer(answer.classes.content, "<i8")

@@ -20,33 +20,15 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-import grpc
 import numpy as np
 import pytest
 import tritonclient.http as triton
 
-from mnist_serving.protos.mnist.v1 import predict_pb2 as pb
-from mnist_serving.protos.mnist.v1 import predict_pb2_grpc
-
-from .support import ServerProcess, scrape
+from .support import ServerProcess, native, scrape
 
 
 def pixels(count: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, size=(count, 28, 28), dtype=np.uint8)
-
-
-def native(target: str, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    with grpc.insecure_channel(
-        target, options=[("grpc.max_send_message_length", 64 << 20)]
-    ) as channel:
-        dtype = pb.DATA_TYPE_UINT8 if images.dtype == np.uint8 else pb.DATA_TYPE_FLOAT32
-        answer = predict_pb2_grpc.MnistServiceStub(channel).Predict(
-            pb.PredictRequest(
-                images=pb.Tensor(dtype=dtype, shape=images.shape, content=images.tobytes())
-            )
-        )
-    probabilities = np.frombuffer(answer.probabilities.content, "<f4").reshape(-1, 10)
-    return probabilities, np.frombuffer(answer.classes.content, "<i8")
 
 
 def call(

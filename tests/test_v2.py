@@ -17,10 +17,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
-from mnist_serving.protos.mnist.v1 import predict_pb2 as pb
-from mnist_serving.protos.mnist.v1 import predict_pb2_grpc
-
-from .support import ServerProcess, scrape
+from .support import ServerProcess, native, scrape
 
 SERVICE = "inference.GRPCInferenceService"
 
@@ -33,20 +30,6 @@ def infer_input(images: np.ndarray, datatype: str = "UINT8") -> triton.InferInpu
     tensor = triton.InferInput("images", list(images.shape), datatype)
     tensor.set_data_from_numpy(images)
     return tensor
-
-
-def native(target: str, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    with grpc.insecure_channel(
-        target, options=[("grpc.max_send_message_length", 64 << 20)]
-    ) as channel:
-        dtype = pb.DATA_TYPE_UINT8 if images.dtype == np.uint8 else pb.DATA_TYPE_FLOAT32
-        answer = predict_pb2_grpc.MnistServiceStub(channel).Predict(
-            pb.PredictRequest(
-                images=pb.Tensor(dtype=dtype, shape=images.shape, content=images.tobytes())
-            )
-        )
-    probabilities = np.frombuffer(answer.probabilities.content, "<f4").reshape(-1, 10)
-    return probabilities, np.frombuffer(answer.classes.content, "<i8")
 
 
 @pytest.fixture(scope="module")

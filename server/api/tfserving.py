@@ -163,16 +163,8 @@ def chosen_versions(
 ) -> list[VersionReport]:
     """The version model_spec pins, else the newest (newest_only) or every loaded one."""
     pinned = pinned_version(spec)
-    versions = core.versions(spec.name)
-    if not pinned:
-        return versions[:1] if newest_only else versions
-    chosen = [v for v in versions if v.version == pinned]
-    if not chosen:
-        loaded = ", ".join(str(v.version) for v in versions) or "none"
-        raise ModelNotFound(
-            f"version {pinned} of {core.model_name!r} is not loaded (loaded: {loaded})"
-        )
-    return chosen
+    versions = core.chosen_versions(spec.name, pinned)
+    return versions[:1] if newest_only and not pinned else versions
 
 
 def chosen_outputs(output_filter: Sequence[str]) -> set[str]:

@@ -98,8 +98,7 @@ class TfServingRest:
 
     async def metadata(self, request: web.Request) -> web.Response:
         name, version, _ = model_path(request)
-        newest = self.versions(name, version)[0]
-        [report] = [v for v in self.core.versions(name) if v.version == newest]
+        report = self.core.chosen_versions(name, version)[0]
         signature_defs = {
             key: json_format.MessageToDict(signature_def)
             for key, signature_def in report.signature_defs.items()
@@ -109,7 +108,7 @@ class TfServingRest:
                 "model_spec": {
                     "name": self.core.model_name,
                     "signature_name": "",
-                    "version": str(newest),
+                    "version": str(report.version),
                 },
                 "metadata": {"signature_def": {"signature_def": signature_defs}},
             }
@@ -117,15 +116,7 @@ class TfServingRest:
 
     def versions(self, name: str, version: int) -> list[int]:
         """The pinned version, or every loaded one (newest first) when none is pinned."""
-        loaded = [v.version for v in self.core.versions(name)]
-        if not version:
-            return loaded
-        if version not in loaded:
-            listed = ", ".join(map(str, loaded)) or "none"
-            raise ModelNotFound(
-                f"version {version} of {self.core.model_name!r} is not loaded (loaded: {listed})"
-            )
-        return [version]
+        return [v.version for v in self.core.chosen_versions(name, version)]
 
 
 def model_path(request: web.Request) -> tuple[str, int, str]:

@@ -63,16 +63,7 @@ def version_number(text: str) -> int:
 
 def model_versions(core: InferenceCore, name: str, version: str) -> list[int]:
     """Loaded versions the (name, version) pair addresses: all of them for version ""."""
-    loaded = [v.version for v in core.versions(name)]
-    pinned = version_number(version)
-    if not pinned:
-        return loaded
-    if pinned not in loaded:
-        listed = ", ".join(map(str, loaded)) or "none"
-        raise ModelNotFound(
-            f"version {pinned} of {core.model_name!r} is not loaded (loaded: {listed})"
-        )
-    return [pinned]
+    return [v.version for v in core.chosen_versions(name, version_number(version))]
 
 
 def model_ready(core: InferenceCore, name: str, version: str) -> bool:
