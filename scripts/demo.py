@@ -105,7 +105,8 @@ def main() -> int:
         step(f"the server's own figures ({server.metrics_url})")
         with urllib.request.urlopen(server.metrics_url, timeout=10) as response:
             for line in response.read().decode().splitlines():
-                if line.startswith(("mnist_images_predicted_total", "mnist_requests_total")):
+                counted = line.startswith(("mnist_images_predicted_total", "mnist_requests_total"))
+                if counted and not line.endswith(" 0.0"):  # methods never called: left out
                     print("  " + line)
 
         step("stopping the server (SIGTERM: drain, exit 0)")
