@@ -28,7 +28,7 @@ import socket
 import time
 from collections.abc import Callable, Sequence
 from contextlib import aclosing
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -543,15 +543,3 @@ def summary_lines(report: RayJobReport) -> list[str]:
             f"-> {report.output}"
         )
     return lines
-
-
-def as_dict(report: RayJobReport) -> dict[str, Any]:
-    """The report as JSON-friendly values (the bench reads it)."""
-    values = asdict(report)
-    for outcome in values["outcomes"]:
-        if outcome["confusion"] is not None:
-            outcome["confusion"] = outcome["confusion"].tolist()
-    values["rows"] = report.rows
-    values["images_per_second"] = report.images_per_second
-    values["failed_rows"] = report.failed_rows
-    return values
