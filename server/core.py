@@ -60,7 +60,7 @@ class InferenceCore:
     ) -> Answer:
         """Classify the images in `content`; time_remaining is the caller's deadline budget."""
         deadline = None if time_remaining is None else time.monotonic() + time_remaining
-        if not self.registry.served:
+        if not self.registry.loaded_any:
             raise NotReady("the model is still loading; retry shortly")
         served = self.registry.resolve(model_name, version)
         images = decode_images(dtype, shape, content, self.settings.max_images_per_request)

@@ -130,6 +130,11 @@ class ModelRegistry:
         return [self._served[v] for v in sorted(self._served, reverse=True)]
 
     @property
+    def loaded_any(self) -> bool:
+        """Whether any version is loaded (per request: no list is built)."""
+        return bool(self._served)
+
+    @property
     def loading(self) -> bool:
         """A load is running on the loader thread (possibly one nobody waits for any more)."""
         return self._loading is not None
