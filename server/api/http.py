@@ -1,8 +1,8 @@
 """The HTTP port: TF Serving's REST API (/v1), KServe v2 REST (/v2) and /metrics, served by
 aiohttp on the gRPC server's own event loop.
 
-The socket is opened with SO_REUSEPORT so that several worker processes can share the
-port. Unknown paths and methods get a JSON error too; bodies beyond the size limit get 413.
+Workers open the socket with SO_REUSEPORT so that they share the port (a lone server does
+not, so that it fails on a port another server holds). Unknown paths and methods get a JSON error too; bodies beyond the size limit get 413.
 """
 
 from __future__ import annotations
