@@ -2,7 +2,8 @@
 aiohttp on the gRPC server's own event loop.
 
 Workers open the socket with SO_REUSEPORT so that they share the port (a lone server does
-not, so that it fails on a port another server holds). Unknown paths and methods get a JSON error too; bodies beyond the size limit get 413.
+not, so that it fails on a port another server holds). Unknown paths and methods get a
+JSON error too; bodies beyond the size limit get 413.
 """
 
 from __future__ import annotations
