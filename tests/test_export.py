@@ -187,6 +187,30 @@ def test_a_twin_that_disagrees_is_not_published(
     assert any("LiteRT twin not published" in r.getMessage() for r in caplog.records)
 
 
+def test_the_check_refuses_a_twin_that_computes_something_slightly_else(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A twin of the same model with one output bias moved by 2e-4 (every class still the
+    same, probabilities near 0.1 moved by about 0.1 * 0.9 * 2e-4 = 1.8e-5) is refused: the
+    tolerance sits between float32's noise and the smallest fault worth catching."""
+    from mnist_serving.trainer.model import build_model
+
+    model = build_model("mlp")
+    shifted = build_model("mlp")
+    weights = model.get_weights()
+    weights[-1] = weights[-1].copy()
+    weights[-1][3] += 2e-4
+    shifted.set_weights(weights)
+    flatbuffer = export.convert(export_saved_model(shifted, tmp_path / "shifted", twin=False))
+    monkeypatch.setattr(export, "convert", lambda saved_model_dir, verbose=False: flatbuffer)
+    version_dir = export_saved_model(model, tmp_path / "model")
+    twin = json.loads((version_dir / REPORT).read_text())["twin"]
+    assert twin["published"] is False
+    assert twin["classes_identical"] is True
+    assert export.TWIN_TOLERANCE < twin["max_abs_difference"] < 1e-4
+    assert not (version_dir / TWIN).exists()
+
+
 def test_a_twin_that_fails_to_convert_is_not_published(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
