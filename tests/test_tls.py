@@ -3,24 +3,16 @@
 from __future__ import annotations
 
 import asyncio
-import datetime
-import ipaddress
-import os
 import re
 import ssl
 import subprocess
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 import numpy as np
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from mnist_serving.client import MnistClient, tls_credentials
@@ -28,111 +20,10 @@ from mnist_serving.client.__main__ import main as client_main
 from mnist_serving.server import tls
 from mnist_serving.server.errors import StartupError
 
+from .certs import Authority, Issued, TLSFiles, key_pem, make_files, new_key, write
 from .support import ServerProcess
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
-
-
-@dataclass(frozen=True)
-class Issued:
-    cert: bytes
-    key: bytes
-
-
-def _key() -> ec.EllipticCurvePrivateKey:
-    return ec.generate_private_key(ec.SECP256R1())
-
-
-def _pem(key: ec.EllipticCurvePrivateKey) -> bytes:
-    return key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
-
-
-class Authority:
-    """A CA that issues server and client certificates."""
-
-    def __init__(self, name: str) -> None:
-        self.key = _key()
-        self.name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-        now = datetime.datetime.now(datetime.timezone.utc)
-        self.cert = (
-            x509.CertificateBuilder()
-            .subject_name(self.name)
-            .issuer_name(self.name)
-            .public_key(self.key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(hours=1))
-            .not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .sign(self.key, hashes.SHA256())
-        )
-
-    @property
-    def pem(self) -> bytes:
-        return self.cert.public_bytes(serialization.Encoding.PEM)
-
-    def issue(self, name: str, *, server: bool) -> Issued:
-        key = _key()
-        now = datetime.datetime.now(datetime.timezone.utc)
-        builder = (
-            x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
-            .issuer_name(self.name)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(hours=1))
-            .not_valid_after(now + datetime.timedelta(days=1))
-        )
-        if server:
-            builder = builder.add_extension(
-                x509.SubjectAlternativeName(
-                    [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-                ),
-                critical=False,
-            )
-        cert = builder.sign(self.key, hashes.SHA256())
-        return Issued(cert.public_bytes(serialization.Encoding.PEM), _pem(key))
-
-
-def write(path: Path, data: bytes) -> Path:
-    """Replace `path` atomically, as a secret or cert-manager update does."""
-    staged = path.with_name(path.name + ".new")
-    staged.write_bytes(data)
-    os.replace(staged, path)
-    return path
-
-
-@dataclass
-class TLSFiles:
-    folder: Path
-    authority: Authority
-
-    @property
-    def cert(self) -> Path:
-        return self.folder / "server.pem"
-
-    @property
-    def key(self) -> Path:
-        return self.folder / "server.key"
-
-    @property
-    def ca(self) -> Path:
-        return self.folder / "ca.pem"
-
-    def install(self, authority: Authority) -> None:
-        issued = authority.issue("mnist-server", server=True)
-        write(self.key, issued.key)
-        write(self.cert, issued.cert)
-        self.authority = authority
-
-
-def make_files(folder: Path) -> TLSFiles:
-    folder.mkdir(parents=True, exist_ok=True)
-    files = TLSFiles(folder, Authority("ca-1"))
-    files.install(files.authority)
-    write(files.ca, files.authority.pem)
-    return files
 
 
 def health_port(server: ServerProcess) -> int:
@@ -304,7 +195,7 @@ def test_tls_settings_that_cannot_work_stop_start_up(tmp_path: Path, tiny_model_
     missing = run_serve("--tls-cert", str(tmp_path / "nope.pem"), "--tls-key", str(files.key))
     assert missing.returncode == 2
     assert "--tls-cert" in missing.stderr
-    write(files.key, _pem(_key()))  # a key that is not the certificate's
+    write(files.key, key_pem(new_key()))  # a key that is not the certificate's
     mismatch = run_serve(
         "--model-dir", str(tiny_model_dir), "--port", "0", "--metrics-port", "0",
         "--tls-cert", str(files.cert), "--tls-key", str(files.key),
@@ -316,7 +207,7 @@ def test_tls_settings_that_cannot_work_stop_start_up(tmp_path: Path, tiny_model_
 
 def test_certificate_files_refuse_a_key_that_does_not_match(tmp_path: Path) -> None:
     files = make_files(tmp_path)
-    write(files.key, _pem(_key()))
+    write(files.key, key_pem(new_key()))
     with pytest.raises(StartupError, match="cannot use the TLS files"):
         tls.CertificateFiles(files.cert, files.key)
 
