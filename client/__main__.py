@@ -269,9 +269,13 @@ def _positive(kind: type[int] | type[float]) -> Any:
     return parse
 
 
-def _credentials(args: argparse.Namespace) -> grpc.ChannelCredentials | None:
+def _check_client_certificate(args: argparse.Namespace) -> None:
     if (args.client_cert is None) != (args.client_key is None):
         raise InputFileError("--client-cert and --client-key go together")
+
+
+def _credentials(args: argparse.Namespace) -> grpc.ChannelCredentials | None:
+    _check_client_certificate(args)
     if args.tls or args.ca_cert is not None or args.client_cert is not None:
         return tls_credentials(args.ca_cert, args.client_cert, args.client_key)
     return None
@@ -457,6 +461,7 @@ def _score_ray(args: argparse.Namespace) -> int:
 
     targets = tuple(t.strip() for t in (args.targets or args.target).split(",") if t.strip())
     args.target = ",".join(targets)  # for error messages
+    _check_client_certificate(args)
     settings = RayJobSettings(
         targets=targets,
         batch_size=args.batch_size,
@@ -466,6 +471,8 @@ def _score_ray(args: argparse.Namespace) -> int:
         timeout=args.timeout,
         tls=args.tls,
         root_certificates=None if args.ca_cert is None else args.ca_cert.read_bytes(),
+        client_certificate=None if args.client_cert is None else args.client_cert.read_bytes(),
+        client_key=None if args.client_key is None else args.client_key.read_bytes(),
         read=ReadOptions(
             split=args.split,
             invert=args.invert,

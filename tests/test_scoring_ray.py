@@ -31,6 +31,7 @@ from mnist_serving.client.scoring.shards import (
     read_shard,
 )
 
+from .certs import make_files, write
 from .fake_server import expected, running_fake_server
 from .support import ServerProcess
 
@@ -409,6 +410,40 @@ def test_several_targets_share_the_calls_and_one_version_is_pinned(
         assert [by_key[f"{uri}#{i}"] for i in range(1000)] == classes[
             part * 1000 : (part + 1) * 1000
         ].tolist()
+
+
+def test_the_actors_present_the_client_certificate_to_a_mutual_tls_server(
+    ray_address: str,
+    tiny_model_dir: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    files = make_files(tmp_path / "tls")
+    good = files.authority.issue("ray-job", server=False)
+    cert, key = write(tmp_path / "c.pem", good.cert), write(tmp_path / "c.key", good.key)
+    np.save(tmp_path / "a.npy", np.zeros((50, 28, 28), np.uint8))
+    server = ServerProcess(
+        tiny_model_dir,
+        "--poll-interval", "0",
+        "--tls-cert", str(files.cert), "--tls-key", str(files.key),
+        "--tls-client-ca", str(files.ca),
+    )  # fmt: skip
+    try:
+        base = ["score", "--engine", "ray", "--target", server.target, "--no-progress",
+                "--input", str(tmp_path / "a.npy"), "--ca-cert", str(files.ca)]  # fmt: skip
+        assert main([*base, "--output", str(tmp_path / "anonymous")]) == 1
+        assert "UNAVAILABLE" in capsys.readouterr().err
+        assert main([*base, "--output", str(tmp_path / "half"), "--client-cert", str(cert)]) == 2
+        assert "--client-cert and --client-key go together" in capsys.readouterr().err
+        out = tmp_path / "out"
+        code = main([*base, "--output", str(out), "--client-cert", str(cert), "--client-key",
+                     str(key)])  # fmt: skip
+        stdout, stderr = capsys.readouterr()
+        assert code == 0, stderr
+        assert "scored 50 images in 1 shards" in stdout
+        assert pq.read_table(out).num_rows == 50
+    finally:
+        assert server.stop() == 0, server.log
 
 
 def test_a_job_keeps_its_model_version(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -36,7 +36,7 @@ import numpy as np
 import numpy.typing as npt
 
 from ..aio import AsyncMnistClient
-from ..client import DEFAULT_RETRY, DEFAULT_TIMEOUT, RetryPolicy
+from ..client import DEFAULT_RETRY, DEFAULT_TIMEOUT, RetryPolicy, tls_credentials
 from ..codec import NUM_CLASSES, Prediction
 from ..errors import InputFileError, NotFound, Unavailable
 from ..inputs import ArraySource
@@ -66,6 +66,10 @@ class RayJobSettings:
     retry: RetryPolicy = DEFAULT_RETRY
     tls: bool = False
     root_certificates: bytes | None = None  # PEM; implies TLS
+    # PEM, for a server that requires client certificates (mutual TLS); implies TLS. The
+    # bytes travel to every actor with the job's settings, so workers need no files.
+    client_certificate: bytes | None = None
+    client_key: bytes | None = None
     read: ReadOptions = field(default_factory=ReadOptions)
     images_per_shard: int = DEFAULT_IMAGES_PER_SHARD
     address: str | None = None  # an existing cluster; None: a local instance
@@ -77,6 +81,8 @@ class RayJobSettings:
             raise ValueError("at least one target is needed")
         if min(self.batch_size, self.concurrency, self.images_per_shard) < 1 or self.actors < 0:
             raise ValueError("batch size, concurrency and images per shard must be at least 1")
+        if (self.client_certificate is None) != (self.client_key is None):
+            raise ValueError("a client certificate needs its key, and a key its certificate")
 
 
 @dataclass
@@ -188,6 +194,8 @@ def run_ray_job(
             retry=settings.retry,
             tls=settings.tls,
             root_certificates=settings.root_certificates,
+            client_certificate=settings.client_certificate,
+            client_key=settings.client_key,
             read=settings.read,
             output=output,
         )
@@ -270,8 +278,10 @@ def _client(
     settings: RayJobSettings | WorkerSettings, target: str, batch_size: int
 ) -> AsyncMnistClient:
     credentials = None
-    if settings.tls or settings.root_certificates is not None:
-        credentials = grpc.ssl_channel_credentials(root_certificates=settings.root_certificates)
+    if settings.tls or settings.root_certificates is not None or settings.client_key is not None:
+        credentials = tls_credentials(
+            settings.root_certificates, settings.client_certificate, settings.client_key
+        )
     return AsyncMnistClient(
         target,
         credentials=credentials,
@@ -391,6 +401,8 @@ class WorkerSettings:
     retry: RetryPolicy
     tls: bool
     root_certificates: bytes | None
+    client_certificate: bytes | None
+    client_key: bytes | None
     read: ReadOptions
     output: str
 
