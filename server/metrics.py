@@ -14,11 +14,17 @@ one page shows the whole server: counters and histograms are summed over the wor
 dead worker's counts stay in the sums, so they never go backwards), and each gauge says
 how it combines the live workers' values in its `multiprocess_mode`: "livesum" (a total
 over the server) or "livemax" (true of at least one worker). A worker's gauges leave the
-page when it dies.
+page when it dies, and its counter and histogram files are folded into one archive file
+per kind (`counter_archive.db`, `histogram_archive.db`) and removed, so that a worker that
+keeps dying does not leave a file per life behind (each is 64 KiB or more, and every
+scrape reads them all). Pages read the folder under a shared lock on `.lock` in it, the
+fold holds it exclusively: no page sees a dead worker's counts twice, or not at all.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 from collections.abc import Iterator
 from typing import Any
@@ -34,6 +40,7 @@ from prometheus_client import (
     disable_created_metrics,
     generate_latest,
 )
+from prometheus_client.mmap_dict import MmapedDict
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
 NAMESPACE = "mnist"
@@ -152,11 +159,14 @@ class _WholeServer:
     """Every process's values from the multiprocess files, minus removed series."""
 
     def __init__(self, path: str) -> None:
+        self._path = path
         self._files = MultiProcessCollector(None, path)
         self._series_gauges = {gauge._name for gauge in (MODEL_VERSION, MODEL_LOAD_SECONDS)}
 
     def collect(self) -> Iterator[Any]:
-        for family in self._files.collect():
+        with folder_lock(self._path, fcntl.LOCK_SH):
+            families = list(self._files.collect())
+        for family in families:
             if family.name in self._series_gauges:
                 family.samples = [s for s in family.samples if s.value != 0]
                 if not family.samples:
@@ -175,7 +185,41 @@ def exposition() -> tuple[bytes, str]:
     return generate_latest(registry), CONTENT_TYPE_LATEST
 
 
+# Per process, the kinds whose values outlive it (summed into the page), by file prefix.
+_KEPT_KINDS = ("counter", "histogram")
+ARCHIVE = "archive"  # <kind>_archive.db: the dead processes' values, summed key by key
+_LOCK_FILE = ".lock"
+
+
+@contextlib.contextmanager
+def folder_lock(path: str, kind: int) -> Iterator[None]:
+    """flock() on the multiprocess folder's lock file: LOCK_SH to read, LOCK_EX to fold."""
+    with open(os.path.join(path, _LOCK_FILE), "a") as lock:
+        fcntl.flock(lock, kind)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 def process_gone(pid: int) -> None:
-    """Take a dead worker's gauges off the page (its counts stay in the sums)."""
-    if multiprocess_dir():
-        mark_process_dead(pid)
+    """Take a dead worker's gauges off the page, and fold its counts into the archive."""
+    path = multiprocess_dir()
+    if not path:
+        return
+    with folder_lock(path, fcntl.LOCK_EX):
+        mark_process_dead(pid, path)
+        for kind in _KEPT_KINDS:
+            dead = os.path.join(path, f"{kind}_{pid}.db")
+            if not os.path.exists(dead):
+                continue
+            # Within a kind every key is summed over the files (histogram files hold
+            # per-bucket counts, not cumulative ones), so adding key by key keeps the page.
+            archive = MmapedDict(os.path.join(path, f"{kind}_{ARCHIVE}.db"))
+            try:
+                for key, value, timestamp, _ in MmapedDict.read_all_values_from_file(dead):
+                    kept, _ = archive.read_value(key)
+                    archive.write_value(key, kept + value, timestamp)
+            finally:
+                archive.close()
+            os.remove(dead)

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import os
 import shutil
 import socket
 import subprocess
+import sys
 import time
 import urllib.parse
 import urllib.request
@@ -189,3 +191,72 @@ def test_concurrent_small_requests_are_merged_into_fewer_model_calls(
     )
     assert images == 32
     assert calls < 16, f"32 concurrent requests took {calls:.0f} model calls"
+
+
+# --- several workers' files ------------------------------------------------------------------
+
+_WORKER = """
+import os, sys
+import numpy as np
+from mnist_serving.server import metrics
+n = int(sys.argv[1])
+metrics.REQUESTS.labels("native", "Predict", "OK").inc(n)
+metrics.REQUESTS.labels("v2", "ModelInfer", "INVALID_ARGUMENT").inc(1)
+for seconds in (0.0002, 0.003, 0.3)[:n]:
+    metrics.REQUEST_SECONDS.labels("native", "Predict").observe(seconds)
+metrics.count_classes(np.arange(n) % 10)
+metrics.IN_FLIGHT.inc(n)
+print(os.getpid())
+"""
+
+
+def kept_series(page: bytes) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """The counter and histogram samples of a page (what must survive a worker)."""
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(page.decode())
+        if family.type in ("counter", "histogram")
+        for s in family.samples
+    }
+
+
+def test_a_dead_workers_counts_are_folded_into_the_archive_and_its_files_removed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What the supervisor does when a worker exits: the page keeps every count, drops the
+    worker's gauges, and the folder keeps one file per kind instead of one per worker."""
+    from mnist_serving.server import metrics
+
+    def worker(n: int) -> int:
+        done = subprocess.run(
+            [sys.executable, "-c", _WORKER, str(n)],
+            env={**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)},
+            capture_output=True, text=True, check=True, timeout=120,
+        )  # fmt: skip
+        return int(done.stdout)
+
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
+    first, second = worker(2), worker(3)
+    before = kept_series(metrics.exposition()[0])
+    assert before[("mnist_requests_total", (("api", "native"), ("code", "OK"),
+                                            ("method", "Predict")))] == 5  # fmt: skip
+    metrics.process_gone(first)
+    assert not list(tmp_path.glob(f"*_{first}.db"))
+    assert kept_series(metrics.exposition()[0]) == before
+    in_flight = [line for line in metrics.exposition()[0].decode().splitlines()
+                 if line.startswith("mnist_requests_in_flight ")]  # fmt: skip
+    assert in_flight == ["mnist_requests_in_flight 3.0"]  # the live worker's gauge only
+    metrics.process_gone(second)
+    assert kept_series(metrics.exposition()[0]) == before
+    assert sorted(p.name for p in tmp_path.glob("*.db")) == [
+        "counter_archive.db",
+        "histogram_archive.db",
+    ]
+    third = worker(1)
+    after = kept_series(metrics.exposition()[0])
+    key = ("mnist_requests_total", (("api", "native"), ("code", "OK"), ("method", "Predict")))
+    assert after[key] == 6
+    metrics.process_gone(third)
+    assert kept_series(metrics.exposition()[0]) == after
+    count = ("mnist_request_duration_seconds_count", (("api", "native"), ("method", "Predict")))
+    assert after[count] == 2 + 3 + 1

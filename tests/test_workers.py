@@ -286,10 +286,18 @@ def test_a_killed_worker_is_replaced_and_no_call_fails(tiny_model_dir: Path) -> 
         assert logged(server, rf'msg="worker exited" child=1 pid={victim} code=-9')
         replacement = worker_pids(server)[1]
         assert replacement != victim
+        environ = Path(f"/proc/{replacement}/environ").read_bytes().split(b"\0")
+        folder = Path(next(v for v in environ if v.startswith(b"PROMETHEUS_MULTIPROC_DIR="))
+                      .split(b"=", 1)[1].decode())  # fmt: skip
+        assert not list(folder.glob(f"*_{victim}.db"))  # folded into the archive
+        assert (folder / "counter_archive.db").exists()
         assert set(connection_to_each_worker(server.target)) == {0, 1}
         samples = scrape(server)
         assert value(samples, "mnist_requests_in_flight") == 0
         assert version_info(samples, "1") == 1
+        # The dead worker's answers are still in the sum (they came from the archive).
+        ok = value(samples, "mnist_requests_total", api="native", method="Predict", code="OK")
+        assert ok >= answered[0]
     finally:
         assert server.stop() == 0, server.log
 
