@@ -102,6 +102,11 @@ class TLSFiles:
     def ca(self) -> Path:
         return self.folder / "ca.pem"
 
+    def server_flags(self, *, client_ca: bool = False) -> list[str]:
+        """mnist-serve's flags for these files; with client_ca, mutual TLS."""
+        flags = ["--tls-cert", str(self.cert), "--tls-key", str(self.key)]
+        return [*flags, "--tls-client-ca", str(self.ca)] if client_ca else flags
+
     def install(self, authority: Authority) -> None:
         issued = authority.issue("mnist-server", server=True)
         write(self.key, issued.key)

@@ -423,11 +423,8 @@ def test_the_actors_present_the_client_certificate_to_a_mutual_tls_server(
     cert, key = write(tmp_path / "c.pem", good.cert), write(tmp_path / "c.key", good.key)
     np.save(tmp_path / "a.npy", np.zeros((50, 28, 28), np.uint8))
     server = ServerProcess(
-        tiny_model_dir,
-        "--poll-interval", "0",
-        "--tls-cert", str(files.cert), "--tls-key", str(files.key),
-        "--tls-client-ca", str(files.ca),
-    )  # fmt: skip
+        tiny_model_dir, "--poll-interval", "0", *files.server_flags(client_ca=True)
+    )
     try:
         base = ["score", "--engine", "ray", "--target", server.target, "--no-progress",
                 "--input", str(tmp_path / "a.npy"), "--ca-cert", str(files.ca)]  # fmt: skip

@@ -61,10 +61,8 @@ def tls_files(tmp_path_factory: pytest.TempPathFactory) -> TLSFiles:
 @pytest.fixture(scope="module")
 def tls_server(tiny_model_dir: Path, tls_files: TLSFiles) -> Iterator[ServerProcess]:
     server = ServerProcess(
-        tiny_model_dir,
-        "--poll-interval", "0", "--health-port", "0",
-        "--tls-cert", str(tls_files.cert), "--tls-key", str(tls_files.key),
-    )  # fmt: skip
+        tiny_model_dir, "--poll-interval", "0", "--health-port", "0", *tls_files.server_flags()
+    )
     yield server
     assert server.stop() == 0, server.log
 
@@ -121,11 +119,8 @@ def mtls_files(tmp_path_factory: pytest.TempPathFactory) -> TLSFiles:
 @pytest.fixture(scope="module")
 def mtls_server(tiny_model_dir: Path, mtls_files: TLSFiles) -> Iterator[ServerProcess]:
     server = ServerProcess(
-        tiny_model_dir,
-        "--poll-interval", "0",
-        "--tls-cert", str(mtls_files.cert), "--tls-key", str(mtls_files.key),
-        "--tls-client-ca", str(mtls_files.ca),
-    )  # fmt: skip
+        tiny_model_dir, "--poll-interval", "0", *mtls_files.server_flags(client_ca=True)
+    )
     yield server
     assert server.stop() == 0, server.log
 
