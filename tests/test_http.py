@@ -237,6 +237,7 @@ BAD = [
     ("/v1/models/mnist:predict", {"instances": [[[0.5] * 28] * 28]}, {}, 400, "whole numbers"),
     ("/v1/models/mnist:predict", {"inputs": ONE, "instances": ONE}, {}, 400, "exactly one"),
     ("/v1/models/mnist:predict", {"instances": ONE, "signature_name": "x"}, {}, 400, "signature"),
+    (PREDICT, {"instances": ONE, "signature_name": []}, {}, 400, "signature"),  # was a 500
     ("/v1/models/mnist:predict", {"instances": [{"pixels": ONE[0]}]}, {}, 400, "'images'"),
     ("/v1/models/mnist:predict", {"instances": []}, {}, 400, "non-empty"),
     ("/v1/models/other:predict", {"instances": ONE}, {}, 404, "no model named"),

@@ -55,7 +55,7 @@ class TfServingRest:
         self.core.versions(name)  # an unknown model is 404 at once
         body = rest.parse_json(await rest.read_body(request))
         signature = body.get("signature_name", DEFAULT_SIGNATURE)
-        dtype = SIGNATURE_DTYPES.get(signature)
+        dtype = SIGNATURE_DTYPES.get(signature) if isinstance(signature, str) else None
         if dtype is None:
             raise InvalidInput(
                 f"unknown signature_name {signature!r}; the signatures are "
