@@ -26,6 +26,15 @@ _IDX_IMAGES = re.compile(r"idx3-ubyte(\.gz)?$")
 _IDX_PREFIX = {"test": "t10k", "train": "train"}
 
 
+def folder_labels(folders: Sequence[str]) -> npt.NDArray[np.int64] | None:
+    """Each image's label from its folder's name when every one is a digit 0-9 (MNIST's
+    image-folder layout), else None. ASCII only: str.isdigit() also passes "²", which
+    int() refuses."""
+    if folders and all(len(name) == 1 and name in "0123456789" for name in folders):
+        return np.array([int(name) for name in folders], np.int64)
+    return None
+
+
 class Source:
     """Inputs in order. `keys` are file names (str) or None, meaning keys are indices."""
 
@@ -88,10 +97,7 @@ class ImageFilesSource(Source):
     ) -> None:
         self.files = list(files)
         self.invert = invert
-        parents = [f.parent.name for f in self.files]
-        labels = None
-        if parents and all(len(p) == 1 and p.isdigit() for p in parents):
-            labels = np.array([int(p) for p in parents], np.int64)
+        labels = folder_labels([f.parent.name for f in self.files])
         super().__init__(description, len(self.files), keys=keys, labels=labels)
 
     def load(self, start: int, stop: int) -> tuple[Batch, dict[int, str]]:

@@ -19,6 +19,12 @@ ACCEPTED_SHAPES = "[N, 28, 28] or [N, 784]"
 SHOWN_DIMS = 6  # a shape quoted in an error message shows at most this many dims
 
 
+def decimal(text: str) -> int | None:
+    """The number `text` spells in ASCII digits, else None. (str.isdigit() alone also
+    passes "²" and other characters that int() refuses.)"""
+    return int(text) if text.isascii() and text.isdigit() else None
+
+
 def decode_images(dtype: str, shape: Sequence[int], content: bytes, max_images: int) -> np.ndarray:
     """The request's images as a read-only [N, 28, 28] array of `dtype`, without copying."""
     if dtype not in DTYPES:

@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING, Any
 
 from .errors import StartupError
 from .settings import Settings
+from .validation import decimal
 
 if TYPE_CHECKING:
     from grpc_health.v1._async import HealthServicer
@@ -131,7 +132,7 @@ class WorkerLink:
     @classmethod
     def from_command_line(cls, argv: list[str]) -> tuple[WorkerLink, Settings]:
         """`--worker I`, with the settings the supervisor put in SETTINGS_ENV."""
-        if len(argv) != 1 or not argv[0].isdigit() or SETTINGS_ENV not in os.environ:
+        if len(argv) != 1 or decimal(argv[0]) is None or SETTINGS_ENV not in os.environ:
             print(f"mnist-serve: {WORKER_FLAG} is for the supervisor's use", file=sys.stderr)
             raise SystemExit(2)
         settings = Settings.model_validate_json(os.environ.pop(SETTINGS_ENV))

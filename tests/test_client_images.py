@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -132,6 +133,14 @@ def test_sources(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     with pytest.raises(InputFileError, match=r"no \.png"):
         open_source(tmp_path / "empty")
+    for folder in ("3", "²"):  # "²" passes str.isdigit(); it is no label
+        (tmp_path / "digits" / folder).mkdir(parents=True)
+        Image.fromarray(np.zeros((28, 28), np.uint8)).save(tmp_path / "digits" / folder / "a.png")
+    assert open_source(tmp_path / "digits").labels is None
+    shutil.rmtree(tmp_path / "digits" / "²")
+    labelled = open_source(tmp_path / "digits").labels
+    assert labelled is not None
+    assert labelled.tolist() == [3]
     (tmp_path / "broken.npz").write_bytes(b"PK\x03\x04 nope")
     with pytest.raises(InputFileError, match=r"broken\.npz"):
         open_source(tmp_path / "broken.npz")

@@ -242,6 +242,7 @@ BAD = [
     ("/v1/models/mnist:predict", {"instances": []}, {}, 400, "non-empty"),
     ("/v1/models/other:predict", {"instances": ONE}, {}, 404, "no model named"),
     ("/v1/models/mnist/versions/9:predict", {"instances": ONE}, {}, 404, "version 9"),
+    ("/v1/models/mnist/versions/%C2%B2:predict", {"instances": ONE}, {}, 404, "'²'"),  # was 500
     ("/v1/models/mnist/labels/stable:predict", {"instances": ONE}, {}, 400, "label"),
     ("/v1/models/mnist:classify", {"examples": []}, {}, 501, ":classify"),
     (PREDICT, {"instances": ONE}, {"X-Request-Timeout-Ms": "soon"}, 400, "Timeout"),
@@ -255,6 +256,7 @@ BAD = [
     (INFER, {"inputs": [V2_INPUT], "outputs": [{"name": "logits"}]}, {}, 400, "unknown outputs"),
     (INFER, {"inputs": [V2_INPUT], "parameters": {"timeout": -1}}, {}, 400, "timeout"),
     (INFER, b"{}", {"Inference-Header-Content-Length": "99"}, 400, "Inference-Header"),
+    (INFER, b"{}", {"Inference-Header-Content-Length": "²"}, 400, "Inference-Header"),
     (
         "/v2/models/mnist/infer",
         {"inputs": [{**V2_INPUT, "data": None, "parameters": {"binary_data_size": 784}}]},

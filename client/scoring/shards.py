@@ -23,6 +23,7 @@ import numpy.typing as npt
 from ..codec import as_batch
 from ..errors import InputFileError, MnistError
 from ..images import IMAGE_SUFFIXES, ImageError, read_image
+from ..inputs import folder_labels
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -328,10 +329,7 @@ def _images(shard: Shard, filesystem: pyarrow.fs.FileSystem, options: ReadOption
             errors[index] = str(error)
         except OSError as error:
             errors[index] = f"{path}: cannot read it ({error})"
-    parents = [posixpath.basename(posixpath.dirname(f)) for f in shard.files]
-    labels = None
-    if parents and all(len(p) == 1 and p.isdigit() for p in parents):
-        labels = np.array([int(p) for p in parents], np.int64)
+    labels = folder_labels([posixpath.basename(posixpath.dirname(f)) for f in shard.files])
     good = len(shard.files) - len(errors)
     return ShardData(keys, images[:good], labels, errors)
 

@@ -18,6 +18,7 @@ from mnist_serving.contract import INPUT_NAME, OUTPUTS, SIGNATURES
 
 from ..core import Answer, InferenceCore
 from ..errors import InvalidInput, ModelNotFound, NotImplementedHere
+from ..validation import decimal
 from . import rest
 
 API = "tfserving_rest"
@@ -134,11 +135,11 @@ def model_path(request: web.Request) -> tuple[str, int, str]:
         )
     version = 0
     if match["version"] is not None:
-        if not match["version"].isdigit() or int(match["version"]) < 1:
+        version = decimal(match["version"]) or 0
+        if version < 1:
             raise ModelNotFound(
                 f"version {match['version']!r} is not loaded; versions are positive integers"
             )
-        version = int(match["version"])
     return match["name"], version, match["tail"] or ""
 
 

@@ -15,6 +15,7 @@ from mnist_serving.contract import INPUT_NAME, NUM_CLASSES, OUTPUTS
 
 from ..core import Answer, InferenceCore
 from ..errors import InvalidInput, ModelNotFound
+from ..validation import decimal
 
 SERVER_NAME = "mnist-serving"
 SERVER_VERSION = "0.1.0"
@@ -53,9 +54,9 @@ def version_number(text: str) -> int:
     """The core's version for a protocol version string: "" is 0, the newest."""
     if text == "":
         return 0
-    if not text.isdigit():
+    version = decimal(text)
+    if version is None:
         raise InvalidInput(f"model version {text!r} is not a version number; versions are 1, 2...")
-    version = int(text)
     if version < 1:
         raise ModelNotFound(f"version {version} is not loaded; versions are positive integers")
     return version

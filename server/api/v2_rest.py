@@ -19,6 +19,7 @@ from aiohttp import web
 
 from ..core import InferenceCore
 from ..errors import InvalidInput
+from ..validation import decimal
 from . import rest
 from . import v2_codec as codec
 
@@ -162,12 +163,13 @@ def split_body(request: web.Request, body: bytes) -> tuple[dict[str, Any], bytes
     length = request.headers.get(HEADER_LENGTH)
     if length is None:
         return rest.parse_json(body), b""
-    if not length.isdigit() or int(length) > len(body):
+    size = decimal(length)
+    if size is None or size > len(body):
         raise InvalidInput(
             f"{HEADER_LENGTH} is {length!r}; it must be the JSON header's byte length, "
             f"at most the body's {len(body)} bytes"
         )
-    return rest.parse_json(body[: int(length)], "the JSON header"), body[int(length) :]
+    return rest.parse_json(body[:size], "the JSON header"), body[size:]
 
 
 def input_bytes(
