@@ -11,6 +11,7 @@ import re
 import zipfile
 from collections.abc import Sequence
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import numpy.typing as npt
@@ -144,22 +145,27 @@ def open_source(path: Path, *, split: str = "test", invert: bool = False) -> Sou
 
 
 def _npz(path: Path, split: str) -> Source:
+    images, labels, keras = read_npz(path, str(path), split)
+    return ArraySource(f"{path}[x_{split}]" if keras else str(path), images, labels)
+
+
+def read_npz(
+    source: Path | BinaryIO, where: str, split: str
+) -> tuple[np.ndarray, np.ndarray | None, bool]:
+    """(images, labels or None, whether it is Keras' layout) from an .npz archive: Keras'
+    x_<split> with y_<split> when present, or its one array. `where` names it in errors."""
     try:
-        with np.load(path, allow_pickle=False) as archive:
+        with np.load(source, allow_pickle=False) as archive:
             names = archive.files
             if f"x_{split}" in names:
-                labels_key = f"y_{split}"
-                images = archive[f"x_{split}"]
-                labels = archive[labels_key] if labels_key in names else None
-                return ArraySource(f"{path}[x_{split}]", images, labels)
+                labels = archive[f"y_{split}"] if f"y_{split}" in names else None
+                return archive[f"x_{split}"], labels, True
             if len(names) == 1:
-                return ArraySource(str(path), archive[names[0]])
-    except InputFileError:
-        raise
+                return archive[names[0]], None, False
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
-        raise InputFileError(f"{path}: not a readable .npz archive ({error})") from None
+        raise InputFileError(f"{where}: not a readable .npz archive ({error})") from None
     raise InputFileError(
-        f"{path}: expected Keras' layout (x_{split}, y_{split}) or a single array, "
+        f"{where}: expected Keras' layout (x_{split}, y_{split}) or a single array, "
         f"found {', '.join(names) or 'no arrays'}"
     )
 

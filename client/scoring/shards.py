@@ -23,7 +23,7 @@ import numpy.typing as npt
 from ..codec import as_batch
 from ..errors import InputFileError, MnistError
 from ..images import IMAGE_SUFFIXES, ImageError, read_image
-from ..inputs import folder_labels
+from ..inputs import folder_labels, read_npz
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -291,26 +291,10 @@ def _npy(uri: str, content: bytes) -> ShardData:
 
 
 def _npz(uri: str, content: bytes, split: str) -> ShardData:
-    try:
-        with np.load(io.BytesIO(content), allow_pickle=False) as archive:
-            names = archive.files
-            if f"x_{split}" in names:
-                batch = _checked(uri, archive[f"x_{split}"])
-                labels = None
-                if f"y_{split}" in names:
-                    labels = _labels(uri, archive[f"y_{split}"], len(batch))
-                return ShardData(_row_keys(uri, len(batch)), batch, labels)
-            if len(names) == 1:
-                batch = _checked(uri, archive[names[0]])
-                return ShardData(_row_keys(uri, len(batch)), batch, None)
-    except InputFileError:
-        raise
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
-        raise InputFileError(f"{uri}: not a readable .npz archive ({error})") from None
-    raise InputFileError(
-        f"{uri}: expected Keras' layout (x_{split}, y_{split}) or a single array, "
-        f"found {', '.join(names) or 'no arrays'}"
-    )
+    images, labels, _ = read_npz(io.BytesIO(content), uri, split)
+    batch = _checked(uri, images)
+    checked = None if labels is None else _labels(uri, labels, len(batch))
+    return ShardData(_row_keys(uri, len(batch)), batch, checked)
 
 
 def _images(shard: Shard, filesystem: pyarrow.fs.FileSystem, options: ReadOptions) -> ShardData:
