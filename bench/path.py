@@ -27,8 +27,10 @@ from typing import Any, cast
 
 from mnist_serving.protos.mnist.v1 import predict_pb2 as pb
 from mnist_serving.server.__main__ import parse_settings
-from mnist_serving.server.admission import ADMISSION
+from mnist_serving.server.admission import Admission
 from mnist_serving.server.api import native
+from mnist_serving.server.api.calls import CallPath
+from mnist_serving.server.api.rpc import RpcBinding
 from mnist_serving.server.core import InferenceCore
 from mnist_serving.server.launcher import ServerProcess
 from mnist_serving.server.versions import ModelRegistry
@@ -68,8 +70,10 @@ async def in_process(model_dir: Path, calls: int) -> tuple[float, float]:
     settings = parse_settings(["--model-dir", str(model_dir), "--poll-interval", "0"])
     registry = ModelRegistry(settings, ThreadPoolExecutor(max_workers=1))
     await registry.refresh()
-    ADMISSION.open()
-    handler = native.handlers(InferenceCore(registry, settings))[0].service(cast(Any, _Details()))
+    rpc = RpcBinding(CallPath(Admission()))
+    handler = native.handlers(InferenceCore(registry, settings), rpc)[0].service(
+        cast(Any, _Details())
+    )
     assert handler is not None
     context = cast(Any, _Context())
     echo = EchoServicer()

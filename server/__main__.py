@@ -14,7 +14,8 @@ from pydantic_settings import CliApp, SettingsError
 from .errors import StartupError
 from .logs import configure_logging
 from .settings import Settings
-from .workers import WORKER_FLAG, WorkerLink, supervise
+from .worker_link import WORKER_FLAG, WorkerLink
+from .workers import supervise
 
 logger = logging.getLogger("mnist_serving.server")
 

@@ -92,6 +92,3 @@ class Admission:
         if tasks:
             await self._idle.wait()
         return len(tasks)
-
-
-ADMISSION = Admission()

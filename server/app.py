@@ -7,30 +7,36 @@ import asyncio
 import contextlib
 import logging
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import grpc
 from grpc_health.v1 import _async as health_aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from . import tls
-from .admission import ADMISSION
+from .admission import Admission
 from .api import http, native, tfserving, v2
+from .api.calls import CallPath
 from .api.reflection import reflection_pool
+from .api.rpc import RpcBinding
 from .core import InferenceCore
 from .errors import StartupError
+from .listener import HttpListener, metrics_application
 from .settings import Settings
 from .versions import ModelRegistry
 
 if TYPE_CHECKING:
-    from .workers import WorkerLink
+    from .worker_link import WorkerLink
 
 logger = logging.getLogger(__name__)
 
 # A 4096-image float32 batch is 12.8 MB; leave room for the largest allowed request.
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 NATIVE_SERVICE = native.SERVICE.full_name
+SERVED = (native.SERVICE, *tfserving.SERVICES, v2.SERVICE)  # the APIs, on the gRPC port
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 # On shutdown, once the last admitted call is done: how long no call may arrive before the
@@ -70,6 +76,41 @@ def grpc_options(settings: Settings, *, shared_port: bool = False) -> list[tuple
     return options
 
 
+def build_grpc_server(
+    settings: Settings,
+    core: InferenceCore,
+    path: CallPath,
+    health: HealthServicer,
+    *,
+    shared_port: bool,
+) -> tuple[grpc.aio.Server, tuple[str, ...]]:
+    """The gRPC server with every API, health and reflection (no port yet), and the names of
+    the services health reports on."""
+    server = grpc.aio.server(options=grpc_options(settings, shared_port=shared_port))
+    rpc = RpcBinding(path)
+    server.add_generic_rpc_handlers(
+        (*native.handlers(core, rpc), *tfserving.handlers(core, rpc), *v2.handlers(core, rpc))
+    )
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    # Reflection reads one pool; the services come from two (see api/reflection.py).
+    described = (
+        *SERVED,
+        health_pb2.DESCRIPTOR.services_by_name["Health"],
+        reflection_pb2.DESCRIPTOR.services_by_name["ServerReflection"],
+    )
+    reflection.enable_server_reflection(
+        tuple(service.full_name for service in described), server, pool=reflection_pool(described)
+    )
+    return server, tuple(service.full_name for service in SERVED)
+
+
+def tls_files(settings: Settings) -> tuple[Path, Path, Path | None] | None:
+    """The TLS files both ports serve with (certificate, key, client CA), or None."""
+    if settings.tls_cert is None or settings.tls_key is None:
+        return None
+    return settings.tls_cert, settings.tls_key, settings.tls_client_ca
+
+
 class ModelServer:
     """One server process: `await start()`, then `await stop()` (or SIGTERM via __main__).
 
@@ -86,20 +127,23 @@ class ModelServer:
         self._inference = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
         self.registry = ModelRegistry(settings, self._inference)
         self.core = InferenceCore(self.registry, settings)
+        # The door every call passes, and the per-call path around every call of every API.
+        self.admission = Admission()
+        self.calls = CallPath(self.admission)
         self.health = health_aio.HealthServicer()
-        self._grpc = grpc.aio.server(options=grpc_options(settings, shared_port=worker is not None))
-        self._health_grpc: grpc.aio.Server | None = None
-        self._http = http.HttpListener(
-            http.application(self.core, MAX_MESSAGE_BYTES),
-            settings.grace_period,
-            reuse_port=worker is not None,
-            ssl_context=(
-                tls.ssl_context(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
-                if settings.tls_cert is not None and settings.tls_key is not None
-                else None
-            ),
+        shared_port = worker is not None
+        self._grpc, self._services = build_grpc_server(
+            settings, self.core, self.calls, self.health, shared_port=shared_port
         )
-        self._metrics_http: http.HttpListener | None = None
+        self._tls = tls_files(settings)
+        self._health_grpc: grpc.aio.Server | None = None
+        self._http = HttpListener(
+            http.application(self.core, self.calls, MAX_MESSAGE_BYTES),
+            settings.grace_period,
+            reuse_port=shared_port,
+            ssl_context=None if self._tls is None else tls.ssl_context(*self._tls),
+        )
+        self._metrics_http: HttpListener | None = None
         self._poller: asyncio.Task[None] | None = None
         self.port = self.http_port = self.health_port = 0
         self.metrics_port: int | None = None
@@ -114,60 +158,54 @@ class ModelServer:
         The HTTP port opens first: during a long first load /v2/health/live answers and
         /v2/health/ready says 503.
         """
-        ADMISSION.open()
-        for service in ("", NATIVE_SERVICE):
-            await self.health.set(service, NOT_SERVING)
+        self.admission.open()
+        await self._say(NOT_SERVING, "", NATIVE_SERVICE)
+        await self._open_http_port()
+        await self._load_model()
+        await self._open_grpc_ports()
+        if self.worker is not None:  # waits until every worker is ready
+            await self.worker.serve(self.health, self._services)
+        await self._say(SERVING, "", *self._services)
+        self.core.ready = self._serving = True
+        if self.settings.poll_interval > 0:
+            self._poller = asyncio.get_running_loop().create_task(self.registry.poll())
+        self._log_serving()
+
+    async def _say(self, status: Any, *services: str) -> None:
+        for service in services:
+            await self.health.set(service, status)
+
+    async def _open_http_port(self) -> None:
         self.http_port = await self._http.start(self.settings.host, self.settings.http_port)
         logger.info("http listening", extra={"http_port": self.http_port})
+
+    async def _load_model(self) -> None:
         await self.registry.refresh()
         if not self.registry.served:
             raise StartupError(
                 f"no loadable model version under {self.settings.model_dir} "
                 "(expected <model-dir>/<version>/saved_model.pb; run mnist-train first)"
             )
-        descriptors = (native.SERVICE, *tfserving.SERVICES, v2.SERVICE)
-        services = tuple(service.full_name for service in descriptors)
-        self._grpc.add_generic_rpc_handlers(
-            (*native.handlers(self.core), *tfserving.handlers(self.core), *v2.handlers(self.core))
-        )
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
-        # Reflection reads one pool; the services come from two (see api/reflection.py).
-        described = (
-            *descriptors,
-            health_pb2.DESCRIPTOR.services_by_name["Health"],
-            reflection_pb2.DESCRIPTOR.services_by_name["ServerReflection"],
-        )
-        reflection.enable_server_reflection(
-            tuple(service.full_name for service in described),
-            self._grpc,
-            pool=reflection_pool(described),
-        )
-        address = f"{self.settings.host}:{self.settings.port}"
+
+    async def _open_grpc_ports(self) -> None:
+        """The gRPC port (TLS when set), the health port, the metrics port; then serve."""
         settings = self.settings
-        if settings.tls_cert is not None and settings.tls_key is not None:
-            files = tls.CertificateFiles(
-                settings.tls_cert, settings.tls_key, settings.tls_client_ca
-            )
-            self.port = self._grpc.add_secure_port(address, tls.server_credentials(files))
-        else:
+        address = f"{settings.host}:{settings.port}"
+        if self._tls is None:
             self.port = self._grpc.add_insecure_port(address)
+        else:
+            files = tls.CertificateFiles(*self._tls)
+            self.port = self._grpc.add_secure_port(address, tls.server_credentials(files))
         if self.port == 0:
             raise StartupError(f"cannot listen on {address}")
         if settings.health_port is not None:
             await self._start_health_port(f"{settings.host}:{settings.health_port}")
-        if self.settings.metrics_port is not None and self.worker is None:
-            self._metrics_http = http.HttpListener(http.metrics_application(), 0)
-            self.metrics_port = await self._metrics_http.start(
-                self.settings.host, self.settings.metrics_port
-            )
+        if settings.metrics_port is not None and self.worker is None:
+            self._metrics_http = HttpListener(metrics_application(), 0)
+            self.metrics_port = await self._metrics_http.start(settings.host, settings.metrics_port)
         await self._grpc.start()
-        if self.worker is not None:  # waits until every worker is ready
-            await self.worker.serve(self.health, services)
-        for service in ("", *services):
-            await self.health.set(service, SERVING)
-        self.core.ready = self._serving = True
-        if self.settings.poll_interval > 0:
-            self._poller = asyncio.get_running_loop().create_task(self.registry.poll())
+
+    def _log_serving(self) -> None:
         logger.info(
             "serving" if self.worker is None else "worker serving",
             extra={
@@ -217,8 +255,8 @@ class ModelServer:
         if drain > 0 and self._serving:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._drain_over.wait(), drain)
-        logger.info("refusing new calls", extra={"in_flight": ADMISSION.in_flight})
-        cut = await ADMISSION.drain(grace, QUIET_SECONDS)
+        logger.info("refusing new calls", extra={"in_flight": self.admission.in_flight})
+        cut = await self.admission.drain(grace, QUIET_SECONDS)
         if cut:
             logger.warning(
                 "grace period over; calls still running answered UNAVAILABLE", extra={"calls": cut}

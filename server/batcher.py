@@ -33,7 +33,7 @@ import numpy as np
 
 from . import metrics
 from .errors import DeadlineExpired, Overloaded, ShuttingDown
-from .runtimes import Prediction
+from .runtimes.base import Prediction
 
 logger = logging.getLogger(__name__)
 

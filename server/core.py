@@ -11,8 +11,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from mnist_serving.contract import NUM_CLASSES
+
 from .errors import ModelNotFound, NotReady
-from .runtimes import NUM_CLASSES, Prediction
+from .runtimes.base import Prediction
 from .settings import Settings
 from .validation import decode_images
 from .versions import ModelRegistry

@@ -84,13 +84,12 @@ def status_of(error: BaseException) -> tuple[grpc.StatusCode, str]:
     return grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE
 
 
-def http_status_of(error: BaseException) -> tuple[int, grpc.StatusCode, str]:
-    """The HTTP status, its gRPC equivalent (for the metrics) and message for `error`."""
-    code, message = status_of(error)
+def http_status(error: BaseException) -> int:
+    """The HTTP status that stands for `error`'s gRPC status (500 for unknown errors)."""
     for kind, status in HTTP_STATUS_OF.items():
         if isinstance(error, kind):
-            return status, code, message
-    return 500, code, message
+            return status
+    return 500
 
 
 class StartupError(RuntimeError):

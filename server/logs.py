@@ -46,3 +46,21 @@ def configure_logging(level: str, worker: str | None = None) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(LogfmtFormatter(worker))
     logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
+
+
+class RateLimitedLog:
+    """A warning at most once per interval, saying how many it held back since the last."""
+
+    def __init__(self, logger: logging.Logger, interval: float) -> None:
+        self.logger = logger
+        self.interval = interval
+        self._last = -interval
+        self._held_back = 0
+
+    def warning(self, message: str, **fields: Any) -> None:
+        now = time.monotonic()
+        if now - self._last < self.interval:
+            self._held_back += 1
+            return
+        self.logger.warning(message, extra={**fields, "since_last_line": self._held_back})
+        self._last, self._held_back = now, 0

@@ -12,6 +12,8 @@ from typing import Literal
 from pydantic import Field, FilePath, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from .cpus import usable_cpus
+
 
 class Settings(BaseSettings):
     """Serve the MNIST SavedModel over gRPC and HTTP. Every flag is also an environment
@@ -143,8 +145,6 @@ class Settings(BaseSettings):
     @classmethod
     def _auto_workers(cls, value: object) -> object:
         if isinstance(value, str) and value.strip().lower() == "auto":
-            from .workers import usable_cpus
-
             return usable_cpus()
         return value
 

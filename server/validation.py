@@ -5,13 +5,16 @@ Independent of any proto: servicers hand over a dtype name, a shape and the raw 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
-from .errors import InvalidInput
+from mnist_serving.contract import IMAGE_SIDE
 
-IMAGE_SIDE = 28
+from .errors import InvalidInput, ModelNotFound
+
 PIXELS = IMAGE_SIDE * IMAGE_SIDE
 # Little-endian on the wire, whatever the host.
 DTYPES: dict[str, np.dtype] = {"uint8": np.dtype("u1"), "float32": np.dtype("<f4")}
@@ -79,3 +82,62 @@ def check_scaled(images: np.ndarray) -> None:
             f"float32 pixels must be finite and scaled to [0, 1]; found {bad.flat[0]!r} "
             f"({bad.size} values outside). Send uint8 for raw 0..255 pixels"
         )
+
+
+def values_bytes(
+    values: Any,
+    dtype: str,
+    shape: Sequence[int] | None,
+    what: str,
+    *,
+    where: str = "",
+    empty_hint: str = "",
+) -> bytes:
+    """Pixels sent as numbers (a typed repeated field of a message, or JSON's nested lists)
+    as the little-endian bytes of the core's `dtype`, as if they came as raw bytes.
+
+    With a `shape`, the values must be as many as it needs (a negative dim is left to the
+    shape check); `what` and `where` name them in errors ("images", " in int_val"), and
+    `empty_hint` is added when none came. uint8 pixels must be whole numbers 0..255.
+    """
+    array = number_array(values, what)
+    needed = -1 if shape is None else math.prod(shape)
+    if needed >= 0 and array.size != needed:
+        raise InvalidInput(
+            f"{what} carries {array.size} values{where}; shape {list(shape or ())} needs "
+            f"{needed}" + ("" if array.size or not empty_hint else f" ({empty_hint})")
+        )
+    if dtype != "uint8":
+        return array.astype("<f4").tobytes()
+    outside = (array < 0) | (array > 255)
+    if array.dtype.kind == "f":
+        outside |= array != np.round(array)  # NaN included
+    if outside.any():
+        bad = array[outside]
+        raise InvalidInput(
+            f"{what}: uint8 pixels must be whole numbers 0..255; found {bad.flat[0]!r} "
+            f"({bad.size} values outside)"
+        )
+    return array.astype(np.uint8).tobytes()
+
+
+def number_array(values: Any, what: str) -> np.ndarray:
+    """Numbers (nested lists, rectangular; or a repeated field) as an array; clear errors
+    otherwise."""
+    try:
+        array = np.asarray(values)
+    except ValueError:
+        raise InvalidInput(f"{what} is not a rectangular array of numbers") from None
+    if array.dtype.kind not in "iuf":
+        if array.dtype.kind == "O":
+            raise InvalidInput(f"{what} is not a rectangular array of numbers")
+        raise InvalidInput(f"{what} must hold numbers, got {array.dtype.kind!r}-kind values")
+    return array
+
+
+def pinned_version(number: int, shown: str) -> int:
+    """A version a caller pinned, which must be a positive integer (0 is the core's "the
+    newest", which no caller pins by number); `shown` is how the caller wrote it."""
+    if number < 1:
+        raise ModelNotFound(f"version {shown} is not loaded; versions are positive integers")
+    return number

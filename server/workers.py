@@ -1,5 +1,5 @@
-"""Several server processes on one port: the supervisor (spawn, watch, restart, drain) and
-a worker's end of the link to it. A worker is the one-process server of app.py.
+"""Several server processes on one port: the supervisor (spawn, watch, restart, drain).
+A worker is the one-process server of app.py; worker_link.py is its end of the pipes.
 
 A Python gRPC server keeps to about one core (the GIL), so `--workers N` runs N of them.
 They share the gRPC port through SO_REUSEPORT: the kernel hands each new connection to
@@ -16,9 +16,8 @@ SIGINT is forwarded to every worker, which drain as a lone server does. The supe
 serves --metrics-port itself: every worker writes its values to the multiprocess files
 (see metrics.py), and one page sums them.
 
-Pipes: each worker's stdout carries status lines up ("ready", "serving", "failed <error>");
-its stdin carries "serve" down, and its end (the supervisor is gone, even by kill -9)
-stops the worker as SIGTERM does. Workers log to the inherited stderr.
+The supervisor knows processes and ports, not protocols: it imports nothing of the request
+path (only the metrics listener, for --metrics-port).
 """
 
 from __future__ import annotations
@@ -26,151 +25,29 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 import os
 import shutil
 import signal
 import socket
 import sys
 import tempfile
-import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from .errors import StartupError
 from .settings import Settings
-from .validation import decimal
-
-if TYPE_CHECKING:
-    from grpc_health.v1._async import HealthServicer
+from .worker_link import SETTINGS_ENV, WORKER_FLAG
 
 logger = logging.getLogger(__name__)
 
-WORKER_FLAG = "--worker"
-SETTINGS_ENV = "MNIST_WORKER_SETTINGS"
-# Each worker also says SERVING for this name + its index, and NOT_FOUND for the others':
-# a health check on a connection tells which worker that connection reached.
-WORKER_HEALTH_PREFIX = "mnist_serving.worker."
 # The ports every worker serves; settings with port 0 get one picked here, shared by all.
 SHARED_PORTS = ("port", "http_port", "health_port")
 FIRST_BACKOFF = 0.5  # seconds before the first restart of a worker that died
 MAX_BACKOFF = 30.0
 BACKOFF_RESET = 60.0  # a worker that lived this long restarts after FIRST_BACKOFF again
 KILL_MARGIN = 60.0  # seconds past --grace-period after which a draining worker is killed
-
-
-def usable_cpus(
-    cgroup_root: Path = Path("/sys/fs/cgroup"), own_cgroup: Path = Path("/proc/self/cgroup")
-) -> int:
-    """The CPUs this process may use: its affinity mask, capped by a cgroup CPU quota
-    (rounded down, at least 1: a worker per fraction of a core would only be throttled)."""
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        cpus = os.cpu_count() or 1
-    quota = cgroup_cpu_quota(cgroup_root, own_cgroup)
-    if quota is not None:
-        cpus = min(cpus, max(1, math.floor(quota)))
-    return max(1, cpus)
-
-
-def cgroup_cpu_quota(cgroup_root: Path, own_cgroup: Path) -> float | None:
-    """CPUs' worth of time the cgroup quota allows (v2 cpu.max, v1 cpu.cfs_quota_us), the
-    tightest along this process's cgroup and its parents; None when there is no quota."""
-    paths = ["/"]
-    with contextlib.suppress(OSError):
-        for line in own_cgroup.read_text().splitlines():
-            _, controllers, path = line.split(":", 2)
-            if controllers == "" or "cpu" in controllers.split(","):
-                paths.append(path)
-    quotas: list[float] = []
-    for path in paths:
-        parts = Path(path.lstrip("/")).parts
-        for depth in range(len(parts), -1, -1):
-            below = Path(*parts[:depth]) if depth else Path()
-            quotas.extend(_quota_in(cgroup_root / below))
-            for v1 in ("cpu", "cpu,cpuacct"):
-                quotas.extend(_quota_in(cgroup_root / v1 / below))
-    return min(quotas) if quotas else None
-
-
-def _quota_in(folder: Path) -> Iterable[float]:
-    try:
-        quota, period = (folder / "cpu.max").read_text().split()
-        if quota != "max" and float(period) > 0:
-            yield float(quota) / float(period)
-    except (OSError, ValueError):
-        pass
-    try:
-        quota_us = float((folder / "cpu.cfs_quota_us").read_text())
-        period_us = float((folder / "cpu.cfs_period_us").read_text())
-        if quota_us > 0 and period_us > 0:
-            yield quota_us / period_us
-    except (OSError, ValueError):
-        pass
-
-
-# --- the worker's side ---------------------------------------------------------------
-
-
-class WorkerLink:
-    """A worker's end of the pipes to its supervisor (see the module's docstring)."""
-
-    def __init__(self, index: int) -> None:
-        self.index = index
-        # The status pipe is a private copy of stdout; stdout itself now goes to the log
-        # stream, so nothing a library prints can garble a status line.
-        self._up = os.fdopen(os.dup(1), "w", buffering=1)
-        os.dup2(2, 1)
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._go: asyncio.Event | None = None
-        threading.Thread(target=self._listen, name="supervisor-link", daemon=True).start()
-
-    @classmethod
-    def from_command_line(cls, argv: list[str]) -> tuple[WorkerLink, Settings]:
-        """`--worker I`, with the settings the supervisor put in SETTINGS_ENV."""
-        if len(argv) != 1 or decimal(argv[0]) is None or SETTINGS_ENV not in os.environ:
-            print(f"mnist-serve: {WORKER_FLAG} is for the supervisor's use", file=sys.stderr)
-            raise SystemExit(2)
-        settings = Settings.model_validate_json(os.environ.pop(SETTINGS_ENV))
-        return cls(int(argv[0])), settings
-
-    @property
-    def health_name(self) -> str:
-        return f"{WORKER_HEALTH_PREFIX}{self.index}"
-
-    async def serve(self, health: HealthServicer, services: Iterable[str]) -> None:
-        """Say ready, wait until the supervisor says every worker is, then say SERVING."""
-        from grpc_health.v1 import health_pb2
-
-        self._loop = asyncio.get_running_loop()
-        self._go = asyncio.Event()
-        self._send("ready")
-        await self._go.wait()
-        for service in ("", *services, self.health_name):
-            await health.set(service, health_pb2.HealthCheckResponse.SERVING)
-        self._send("serving")
-
-    def failed(self, error: str) -> None:
-        """Hand the start-up error to the supervisor, which reports it once for all."""
-        self._send(f"failed {error}")
-
-    def _send(self, line: str) -> None:
-        with contextlib.suppress(OSError):  # the supervisor is gone: stdin's end stops us
-            self._up.write(line.replace("\n", " ") + "\n")
-
-    def _listen(self) -> None:
-        # os.read, not sys.stdin: a daemon thread blocked inside a buffered reader makes
-        # the interpreter abort at exit.
-        pending = b""
-        while chunk := os.read(0, 256):
-            *lines, pending = (pending + chunk).split(b"\n")
-            if b"serve" in lines and self._loop is not None and self._go is not None:
-                self._loop.call_soon_threadsafe(self._go.set)
-        os.kill(os.getpid(), signal.SIGTERM)
 
 
 # --- the supervisor ------------------------------------------------------------------
@@ -241,7 +118,7 @@ class Supervisor:
 
     async def run(self) -> int:
         # After supervise() set the multiprocess dir: metrics objects are made at import.
-        from .api.http import HttpListener, metrics_application
+        from .listener import HttpListener, metrics_application
 
         listener: HttpListener | None = None
 
@@ -313,7 +190,7 @@ class Supervisor:
 
     async def _keep_running(self, worker: _Worker, env: dict[str, str]) -> None:
         """Run one worker, and start it again each time it dies, until the server stops."""
-        from . import metrics
+        from . import metrics  # after supervise() set the multiprocess dir
 
         backoff = FIRST_BACKOFF
         while True:
@@ -346,7 +223,7 @@ class Supervisor:
             metrics.WORKER_RESTARTS.inc()
 
     async def _run_once(self, worker: _Worker, env: dict[str, str]) -> int:
-        from . import metrics
+        from . import metrics  # after supervise() set the multiprocess dir
 
         worker.ready = worker.serving = False
         worker.error = ""

@@ -27,7 +27,7 @@ from prometheus_client import REGISTRY
 
 from mnist_serving.protos.mnist.v1 import predict_pb2 as pb
 from mnist_serving.protos.mnist.v1 import predict_pb2_grpc
-from mnist_serving.server.admission import ADMISSION, CUT, REFUSED
+from mnist_serving.server.admission import CUT, REFUSED
 from mnist_serving.server.settings import Settings
 
 from .support import ServerProcess, scrape
@@ -219,18 +219,21 @@ async def test_every_status_a_caller_gets_is_the_one_counted(held: Held) -> None
 
     held.hold_inference()
     running = stub.Predict(request(64, 1))  # taken to the (stalled) model
-    await until(lambda: ADMISSION.in_flight == 1 and queued() == 0, "the call to reach the model")
+    await until(
+        lambda: held.server.admission.in_flight == 1 and queued() == 0,
+        "the call to reach the model",
+    )
     waiting = stub.Predict(request(64, 2))  # fills the queue
     await until(lambda: queued() == 64, "the second call to queue")
     seen[await outcome(stub.Predict(request(1)))] += 1  # shed: RESOURCE_EXHAUSTED
     seen[await outcome(stub.Predict(request(1), timeout=30))] += 1  # shed too (queue full)
     waiting.cancel()  # the caller gives up
     seen[await outcome(waiting)] += 1
-    await until(lambda: ADMISSION.in_flight == 1, "the cancelled call to end")
+    await until(lambda: held.server.admission.in_flight == 1, "the cancelled call to end")
 
     held.release.set()
     seen[await outcome(running)] += 1
-    await until(lambda: ADMISSION.in_flight == 0, "every call to end")
+    await until(lambda: held.server.admission.in_flight == 0, "every call to end")
     after = counted()
 
     assert seen == {
@@ -249,7 +252,7 @@ async def test_a_call_past_its_deadline_is_counted_as_deadline_exceeded(held: He
     before = counted()
     held.hold_inference()
     assert await outcome(held.stub.Predict(request(2), timeout=0.5)) == "DEADLINE_EXCEEDED"
-    await until(lambda: ADMISSION.in_flight == 0, "the handler to end")
+    await until(lambda: held.server.admission.in_flight == 0, "the handler to end")
     held.release.set()
     after = counted()
     assert after["DEADLINE_EXCEEDED"] - before["DEADLINE_EXCEEDED"] == 1
@@ -265,9 +268,11 @@ async def test_an_expired_deadline_is_not_run(held: Held) -> None:
     before = predicted()
     held.hold_inference()
     first = held.stub.Predict(request(3))
-    await until(lambda: ADMISSION.in_flight == 1 and queued() == 0, "the first call to be taken")
+    await until(
+        lambda: held.server.admission.in_flight == 1 and queued() == 0, "the first call to be taken"
+    )
     assert await outcome(held.stub.Predict(request(5), timeout=0.5)) == "DEADLINE_EXCEEDED"
-    await until(lambda: ADMISSION.in_flight == 1, "the expired call's handler to end")
+    await until(lambda: held.server.admission.in_flight == 1, "the expired call's handler to end")
     held.release.set()
     assert tuple((await first).classes.shape) == (3,)
     await until(lambda: queued() == 0, "the expired request to leave the queue")
@@ -281,9 +286,9 @@ async def test_during_shutdown_new_calls_get_unavailable_and_admitted_ones_finis
     health = health_pb2_grpc.HealthStub(held.channel)
     held.hold_inference()
     admitted = held.stub.Predict(request(5))
-    await until(lambda: ADMISSION.in_flight == 1, "the call to be admitted")
+    await until(lambda: held.server.admission.in_flight == 1, "the call to be admitted")
     stopping = asyncio.ensure_future(held.server.stop())
-    await until(lambda: ADMISSION.closed, "the server to stop admitting")
+    await until(lambda: held.server.admission.closed, "the server to stop admitting")
     answer = await health.Check(health_pb2.HealthCheckRequest())
     assert answer.status == NOT_SERVING
     with pytest.raises(grpc.aio.AioRpcError) as refused:
@@ -306,7 +311,7 @@ async def test_calls_still_running_when_the_grace_period_ends_get_unavailable(
     before = counted()
     held.hold_inference()
     stuck = held.stub.Predict(request(5))
-    await until(lambda: ADMISSION.in_flight == 1, "the call to be admitted")
+    await until(lambda: held.server.admission.in_flight == 1, "the call to be admitted")
     stopping = asyncio.ensure_future(held.server.stop(grace=0.2))
     with pytest.raises(grpc.aio.AioRpcError) as cut:
         await stuck
@@ -325,7 +330,9 @@ async def test_one_connection_cannot_hold_more_streams_than_its_share(
     async with started(tiny_model_dir, max_concurrent_streams=1) as held:
         held.hold_inference()
         first = held.stub.Predict(request(1))  # the one stream this connection may have
-        await until(lambda: ADMISSION.in_flight == 1 and queued() == 0, "the first call")
+        await until(
+            lambda: held.server.admission.in_flight == 1 and queued() == 0, "the first call"
+        )
         second = held.stub.Predict(request(2))  # waits in the client for a free stream
         other = grpc.aio.insecure_channel(  # its own connection, not a shared subchannel
             f"127.0.0.1:{held.server.port}", options=[("grpc.use_local_subchannel_pool", 1)]

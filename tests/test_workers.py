@@ -28,8 +28,9 @@ from mnist_serving.client import AsyncMnistClient, MnistClient
 from mnist_serving.client.errors import MnistError, NotFound
 from mnist_serving.protos.mnist.v1 import predict_pb2 as pb
 from mnist_serving.protos.mnist.v1 import predict_pb2_grpc
+from mnist_serving.server.cpus import cgroup_cpu_quota, usable_cpus
 from mnist_serving.server.settings import Settings
-from mnist_serving.server.workers import WORKER_HEALTH_PREFIX, cgroup_cpu_quota, usable_cpus
+from mnist_serving.server.worker_link import WORKER_HEALTH_PREFIX
 
 from .support import Samples, ServerProcess, scrape
 

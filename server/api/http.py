@@ -1,32 +1,25 @@
-"""The HTTP port: TF Serving's REST API (/v1), KServe v2 REST (/v2) and /metrics, served by
-aiohttp on the gRPC server's own event loop.
+"""The HTTP port's application: TF Serving's REST API (/v1), KServe v2 REST (/v2) and
+/metrics, served by aiohttp (server/listener.py) on the gRPC server's own event loop.
 
-Workers open the socket with SO_REUSEPORT so that they share the port (a lone server does
-not, so that it fails on a port another server holds). Unknown paths and methods get a
-JSON error too; bodies beyond the size limit get 413.
+Unknown paths and methods get a JSON error too; bodies beyond the size limit get 413.
 """
 
 from __future__ import annotations
 
 import logging
-import ssl
 
 import grpc
 from aiohttp import web
 
 from .. import metrics
 from ..core import InferenceCore
+from ..listener import metrics_page
 from . import rest, tfserving_rest, v2_rest
+from .calls import CallPath
 
 logger = logging.getLogger(__name__)
 
 ROUTER_CODES = {404: grpc.StatusCode.NOT_FOUND, 405: grpc.StatusCode.UNIMPLEMENTED}
-
-
-async def metrics_page(request: web.Request) -> web.Response:
-    body, content_type = metrics.exposition()
-    # content_type carries its own charset parameter, so it goes in as a raw header.
-    return web.Response(body=body, headers={"Content-Type": content_type})
 
 
 @web.middleware
@@ -48,56 +41,16 @@ async def json_router_errors(request: web.Request, handler: rest.Handler) -> web
         return response
 
 
-def application(core: InferenceCore, max_body_bytes: int) -> web.Application:
+def application(core: InferenceCore, path: CallPath, max_body_bytes: int) -> web.Application:
+    """The HTTP port's app: both REST APIs through the server's call path, and /metrics."""
+    binding = rest.RestBinding(path)
     app = web.Application(client_max_size=max_body_bytes, middlewares=[json_router_errors])
     app[rest.MAX_BODY_BYTES] = max_body_bytes
     app.add_routes(
         [
-            *tfserving_rest.routes(core),
-            *v2_rest.routes(core),
+            *tfserving_rest.routes(core, binding),
+            *v2_rest.routes(core, binding),
             web.get("/metrics", metrics_page),
         ]
     )
     return app
-
-
-def metrics_application() -> web.Application:
-    """Only /metrics: for the optional separate --metrics-port listener."""
-    app = web.Application()
-    app.add_routes([web.get("/metrics", metrics_page)])
-    return app
-
-
-class HttpListener:
-    """One aiohttp app on one port: `port = await start(host, port)`, then `await stop()`."""
-
-    def __init__(
-        self,
-        app: web.Application,
-        grace: float,
-        *,
-        reuse_port: bool = False,
-        ssl_context: ssl.SSLContext | None = None,
-    ) -> None:
-        self._runner = web.AppRunner(
-            app, access_log=None, handle_signals=False, shutdown_timeout=grace
-        )
-        # Only workers share a port (the kernel spreads connections over them); a lone
-        # server must fail on a port that another server holds.
-        self._reuse_port = reuse_port
-        self._ssl_context = ssl_context  # TLS on the HTTP port, as on the gRPC one
-        self._started = False
-
-    async def start(self, host: str, port: int) -> int:
-        self._started = True
-        await self._runner.setup()
-        site = web.TCPSite(
-            self._runner, host, port, reuse_port=self._reuse_port, ssl_context=self._ssl_context
-        )
-        await site.start()
-        return int(self._runner.addresses[0][1])
-
-    async def stop(self) -> None:
-        """Stop listening, let calls in flight finish within the grace period."""
-        if self._started:
-            await self._runner.cleanup()

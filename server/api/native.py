@@ -6,27 +6,29 @@ from typing import Any
 
 import grpc
 
+from mnist_serving.contract import IMAGE_SIDE, INPUT_NAME, NUM_CLASSES, OUTPUTS
 from mnist_serving.protos.mnist.v1 import predict_pb2 as pb
 
 from ..core import CLASS_LABELS, InferenceCore
-from .rpc import service_handler
+from .rpc import Handlers, RpcBinding
 
+PROBABILITIES, CLASSES = OUTPUTS
 SERVICE = pb.DESCRIPTOR.services_by_name["MnistService"]
 
 DTYPE_NAMES: dict[int, str] = {pb.DATA_TYPE_UINT8: "uint8", pb.DATA_TYPE_FLOAT32: "float32"}
 _INPUTS = [
-    pb.TensorSpec(name="images", dtype=dtype, shape=shape)
+    pb.TensorSpec(name=INPUT_NAME, dtype=dtype, shape=shape)
     for dtype in (pb.DATA_TYPE_UINT8, pb.DATA_TYPE_FLOAT32)
-    for shape in ([-1, 28, 28], [-1, 784])
+    for shape in ([-1, IMAGE_SIDE, IMAGE_SIDE], [-1, IMAGE_SIDE * IMAGE_SIDE])
 ]
 _OUTPUTS = [
-    pb.TensorSpec(name="probabilities", dtype=pb.DATA_TYPE_FLOAT32, shape=[-1, 10]),
-    pb.TensorSpec(name="classes", dtype=pb.DATA_TYPE_INT64, shape=[-1]),
+    pb.TensorSpec(name=PROBABILITIES, dtype=pb.DATA_TYPE_FLOAT32, shape=[-1, NUM_CLASSES]),
+    pb.TensorSpec(name=CLASSES, dtype=pb.DATA_TYPE_INT64, shape=[-1]),
 ]
 
 
-def handlers(core: InferenceCore) -> list[grpc.GenericRpcHandler[Any, Any]]:
-    return [service_handler(SERVICE, "native", MnistServicer(core))]
+def handlers(core: InferenceCore, rpc: RpcBinding) -> Handlers:
+    return [rpc.service_handler(SERVICE, "native", MnistServicer(core))]
 
 
 def dtype_name(dtype: int) -> str:

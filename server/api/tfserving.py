@@ -16,14 +16,13 @@ tensor_shape.dim, tensor_content).
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Sequence
 from typing import Any
 
 import grpc
 import numpy as np
 
-from mnist_serving.contract import INPUT_NAME, OUTPUTS, SIGNATURES
+from mnist_serving.contract import INPUT_NAME, OUTPUTS
 from mnist_serving.protos.tensorflow.core.framework import tensor_pb2, types_pb2
 from mnist_serving.protos.tensorflow_serving.apis import (
     get_model_metadata_pb2,
@@ -35,9 +34,10 @@ from mnist_serving.protos.tensorflow_serving.apis import (
 )
 
 from ..core import InferenceCore, VersionReport
-from ..errors import InvalidInput, ModelNotFound
-from ..validation import check_shape
-from .rpc import service_handler
+from ..errors import InvalidInput
+from ..validation import check_shape, values_bytes
+from . import tfserving_codec as codec
+from .rpc import Handlers, RpcBinding
 
 logger = logging.getLogger(__name__)
 
@@ -46,19 +46,16 @@ MODEL_SERVICE = model_service_pb2.DESCRIPTOR.services_by_name["ModelService"]
 SERVICES = (PREDICTION_SERVICE, MODEL_SERVICE)
 SERVICE_NAMES = tuple(service.full_name for service in SERVICES)
 
-DEFAULT_SIGNATURE = "serving_default"  # what an empty signature_name means, as in TF Serving
 TF_DTYPES = {"uint8": types_pb2.DT_UINT8, "float32": types_pb2.DT_FLOAT}  # core name -> TF's
-SIGNATURE_DTYPES = {signature: TF_DTYPES[dtype] for dtype, signature in SIGNATURES.items()}
+SIGNATURE_DTYPES = {s: TF_DTYPES[dtype] for s, dtype in codec.SIGNATURE_DTYPES.items()}
 CORE_DTYPES = {tf_dtype: name for name, tf_dtype in TF_DTYPES.items()}
 # Where TensorFlow puts the elements of a tensor sent without tensor_content (uint8 too
-# travels as int_val), and the numpy type that reads them.
-VALUE_FIELDS: dict[int, tuple[str, np.dtype[Any]]] = {
-    types_pb2.DT_UINT8: ("int_val", np.dtype(np.int32)),
-    types_pb2.DT_FLOAT: ("float_val", np.dtype("<f4")),
-}
+# travels as int_val).
+VALUE_FIELDS = {types_pb2.DT_UINT8: "int_val", types_pb2.DT_FLOAT: "float_val"}
 METADATA_FIELDS = ("signature_def",)
 
 TensorProto = tensor_pb2.TensorProto
+API = "tfserving"
 
 UNIMPLEMENTED = (
     "this server answers PredictionService/Predict, PredictionService/GetModelMetadata "
@@ -66,10 +63,10 @@ UNIMPLEMENTED = (
 )
 
 
-def handlers(core: InferenceCore) -> list[grpc.GenericRpcHandler[Any, Any]]:
+def handlers(core: InferenceCore, rpc: RpcBinding) -> Handlers:
     return [
-        service_handler(PREDICTION_SERVICE, "tfserving", PredictionServicer(core), UNIMPLEMENTED),
-        service_handler(MODEL_SERVICE, "tfserving", ModelServicer(core), UNIMPLEMENTED),
+        rpc.service_handler(PREDICTION_SERVICE, API, PredictionServicer(core), UNIMPLEMENTED),
+        rpc.service_handler(MODEL_SERVICE, API, ModelServicer(core), UNIMPLEMENTED),
     ]
 
 
@@ -81,7 +78,7 @@ class PredictionServicer:
         self, request: predict_pb2.PredictRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> predict_pb2.PredictResponse:
         spec = request.model_spec
-        signature = spec.signature_name or DEFAULT_SIGNATURE
+        signature = spec.signature_name or codec.DEFAULT_SIGNATURE
         outputs = chosen_outputs(request.output_filter)
         dtype, shape, content = images_for_core(request.inputs, signature)
         answer = await self.core.predict(
@@ -146,25 +143,22 @@ class ModelServicer:
 def pinned_version(spec: model_pb2.ModelSpec) -> int:
     """The version model_spec pins, or 0 (the core's "newest") when it pins none."""
     if spec.WhichOneof("version_choice") == "version_label":
-        raise InvalidInput(
-            f"model_spec.version_label {spec.version_label!r} is not supported: this server "
-            "has no version labels; pin model_spec.version, or leave it unset for the newest"
+        raise codec.refuse_label(
+            spec.version_label,
+            "model_spec.version_label",
+            "pin model_spec.version, or leave it unset for the newest",
         )
     if not spec.HasField("version"):
         return 0
-    version = int(spec.version.value)
-    if version < 1:  # 0 would mean "newest" to the core; TF Serving has no such version
-        raise ModelNotFound(f"version {version} is not loaded; versions are positive integers")
-    return version
+    number = int(spec.version.value)
+    return codec.version(number, str(number))
 
 
 def chosen_versions(
     core: InferenceCore, spec: model_pb2.ModelSpec, *, newest_only: bool
 ) -> list[VersionReport]:
     """The version model_spec pins, else the newest (newest_only) or every loaded one."""
-    pinned = pinned_version(spec)
-    versions = core.chosen_versions(spec.name, pinned)
-    return versions[:1] if newest_only and not pinned else versions
+    return codec.chosen_versions(core, spec.name, pinned_version(spec), newest_only=newest_only)
 
 
 def chosen_outputs(output_filter: Sequence[str]) -> set[str]:
@@ -188,11 +182,7 @@ def check_metadata_fields(fields: Sequence[str]) -> None:
 
 def images_for_core(inputs: Any, signature: str) -> tuple[str, list[int], bytes]:
     """The core's (dtype, shape, content) for the `images` input of `signature`."""
-    expected = SIGNATURE_DTYPES.get(signature)
-    if expected is None:
-        raise InvalidInput(
-            f"unknown signature_name {signature!r}; the signatures are {sorted(SIGNATURE_DTYPES)}"
-        )
+    expected = TF_DTYPES[codec.signature_dtype(signature)]
     if set(inputs) != {INPUT_NAME}:
         problems = [f"{INPUT_NAME!r} is missing"] if INPUT_NAME not in inputs else []
         extra = sorted(set(inputs) - {INPUT_NAME})
@@ -212,28 +202,20 @@ def images_for_core(inputs: Any, signature: str) -> tuple[str, list[int], bytes]
 
 def tensor_bytes(tensor: TensorProto, shape: list[int]) -> bytes:
     """The elements as little-endian bytes: tensor_content as is, or the typed *_val field."""
-    field, numpy_type = VALUE_FIELDS[tensor.dtype]
+    field = VALUE_FIELDS[tensor.dtype]
     values = getattr(tensor, field)
     if tensor.tensor_content:
         if len(values):
             raise InvalidInput(f"images carries both tensor_content and {field}; send one")
         return bytes(tensor.tensor_content)
-    needed = math.prod(shape)
-    if needed >= 0 and len(values) != needed:  # a negative dim is the shape check's to report
-        raise InvalidInput(
-            f"images carries {len(values)} values in {field}; shape {shape} needs {needed}"
-            + ("" if len(values) else f" (send them in tensor_content or {field})")
-        )
-    array = np.asarray(values, dtype=numpy_type)  # one call over the field, no Python loop
-    if tensor.dtype == types_pb2.DT_UINT8:
-        if array.size and (array.min() < 0 or array.max() > 255):
-            bad = array[(array < 0) | (array > 255)]
-            raise InvalidInput(
-                f"uint8 pixels must be 0..255; int_val holds {int(bad[0])} "
-                f"({bad.size} values outside)"
-            )
-        array = array.astype(np.uint8)
-    return array.tobytes()
+    return values_bytes(
+        values,
+        CORE_DTYPES[tensor.dtype],
+        shape,
+        INPUT_NAME,
+        where=f" in {field}",
+        empty_hint=f"send them in tensor_content or {field}",
+    )
 
 
 def dtype_mismatch(signature: str, expected: int, got: int) -> str:

@@ -14,16 +14,15 @@ from typing import Any
 from aiohttp import web
 from google.protobuf import json_format
 
-from mnist_serving.contract import INPUT_NAME, OUTPUTS, SIGNATURES
+from mnist_serving.contract import INPUT_NAME, OUTPUTS
 
 from ..core import Answer, InferenceCore
 from ..errors import InvalidInput, ModelNotFound, NotImplementedHere
-from ..validation import decimal
+from ..validation import decimal, number_array, values_bytes
 from . import rest
+from . import tfserving_codec as codec
 
 API = "tfserving_rest"
-DEFAULT_SIGNATURE = "serving_default"  # what an absent signature_name means, as in TF Serving
-SIGNATURE_DTYPES = {signature: dtype for dtype, signature in SIGNATURES.items()}
 # name, then /versions/N or /labels/L, then :verb or /metadata
 PATH = re.compile(
     r"(?P<name>[^/:]+)(?:/versions/(?P<version>[^/:]+)|/labels/(?P<label>[^/:]+))?"
@@ -31,20 +30,20 @@ PATH = re.compile(
 )
 
 
-def routes(core: InferenceCore) -> list[web.RouteDef]:
-    api = TfServingRest(core)
+def routes(core: InferenceCore, binding: rest.RestBinding) -> list[web.RouteDef]:
+    api = TfServingRest(core, binding)
     return [
-        web.post("/v1/models/{path:.+}", rest.counted(API, "Predict", api.post)),
+        web.post("/v1/models/{path:.+}", binding.counted(API, "Predict", api.post)),
         web.get("/v1/models/{path:.+}", api.get),
     ]
 
 
 class TfServingRest:
-    def __init__(self, core: InferenceCore) -> None:
+    def __init__(self, core: InferenceCore, binding: rest.RestBinding) -> None:
         self.core = core
         # GET answers two RPCs' worth: counted under the one it stands for.
-        self._status = rest.counted(API, "GetModelStatus", self.status)
-        self._metadata = rest.counted(API, "GetModelMetadata", self.metadata)
+        self._status = binding.counted(API, "GetModelStatus", self.status)
+        self._metadata = binding.counted(API, "GetModelMetadata", self.metadata)
 
     async def post(self, request: web.Request) -> web.Response:
         name, version, tail = model_path(request)
@@ -55,21 +54,15 @@ class TfServingRest:
             )
         self.core.versions(name)  # an unknown model is 404 at once
         body = rest.parse_json(await rest.read_body(request))
-        signature = body.get("signature_name", DEFAULT_SIGNATURE)
-        dtype = SIGNATURE_DTYPES.get(signature) if isinstance(signature, str) else None
-        if dtype is None:
-            raise InvalidInput(
-                f"unknown signature_name {signature!r}; the signatures are "
-                f"{sorted(SIGNATURE_DTYPES)}"
-            )
+        dtype = codec.signature_dtype(body.get("signature_name", codec.DEFAULT_SIGNATURE))
         row_format, images = request_images(body)
-        array = rest.number_array(images, INPUT_NAME)
+        array = number_array(images, INPUT_NAME)
         answer = await self.core.predict(
             model_name=name,
             version=version,
             dtype=dtype,
             shape=array.shape,
-            content=rest.pixel_bytes(array, dtype, INPUT_NAME),
+            content=values_bytes(array, dtype, None, INPUT_NAME),
             time_remaining=rest.time_remaining(request),
         )
         return rest.json_response(predictions(answer, row_format))
@@ -129,18 +122,12 @@ def model_path(request: web.Request) -> tuple[str, int, str]:
             "[:predict|/metadata]"
         )
     if match["label"] is not None:
-        raise InvalidInput(
-            f"version label {match['label']!r} is not supported: this server has no version "
-            "labels; use /versions/N, or leave it out for the newest"
+        raise codec.refuse_label(
+            match["label"], "version label", "use /versions/N, or leave it out for the newest"
         )
-    version = 0
-    if match["version"] is not None:
-        version = decimal(match["version"]) or 0
-        if version < 1:
-            raise ModelNotFound(
-                f"version {match['version']!r} is not loaded; versions are positive integers"
-            )
-    return match["name"], version, match["tail"] or ""
+    text = match["version"]
+    version = None if text is None else codec.version(decimal(text) or 0, repr(text))
+    return match["name"], version or 0, match["tail"] or ""
 
 
 def request_images(body: dict[str, Any]) -> tuple[bool, Any]:

@@ -9,37 +9,32 @@ repository methods answer UNIMPLEMENTED (api/rpc.py).
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import grpc
-import numpy as np
 
 from mnist_serving.protos.inference import grpc_service_pb2 as pb
 
 from ..core import InferenceCore
 from ..errors import InvalidInput
 from . import v2_codec as codec
-from .rpc import service_handler
+from .rpc import Handlers, RpcBinding
 
 SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
 UNIMPLEMENTED = (
     "this server answers ServerLive, ServerReady, ModelReady, ServerMetadata, "
     "ModelMetadata and ModelInfer of inference.GRPCInferenceService"
 )
-# Where the typed contents of each accepted datatype live, and the numpy type that reads them.
-CONTENT_FIELDS: dict[str, tuple[str, np.dtype[Any]]] = {
-    "UINT8": ("uint_contents", np.dtype(np.uint32)),
-    "FP32": ("fp32_contents", np.dtype("<f4")),
-}
+# Where the typed contents of each accepted datatype live.
+CONTENT_FIELDS = {"UINT8": "uint_contents", "FP32": "fp32_contents"}
 # Output parameters asking for what this server does not do.
 REFUSED_OUTPUT_PARAMETERS = ("classification", "shared_memory_region")
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
 
-def handlers(core: InferenceCore) -> list[grpc.GenericRpcHandler[Any, Any]]:
-    return [service_handler(SERVICE, "v2", InferenceServicer(core), UNIMPLEMENTED)]
+def handlers(core: InferenceCore, rpc: RpcBinding) -> Handlers:
+    return [rpc.service_handler(SERVICE, "v2", InferenceServicer(core), UNIMPLEMENTED)]
 
 
 class InferenceServicer:
@@ -85,32 +80,31 @@ class InferenceServicer:
     async def ModelInfer(
         self, request: pb.ModelInferRequest, context: Context
     ) -> pb.ModelInferResponse:
-        self.core.versions(request.model_name)  # an unknown model is NOT_FOUND at once
-        codec.check_parameters(request.parameters)
-        outputs = codec.requested_outputs(requested_output_names(request.outputs))
-        tensor = codec.one_input(list(request.inputs))
-        dtype = codec.input_dtype(tensor.name, tensor.datatype)
-        answer = await self.core.predict(
-            model_name=request.model_name,
-            version=codec.version_number(request.model_version),
-            dtype=dtype,
-            shape=tensor.shape,
-            content=input_bytes(request, tensor),
-            time_remaining=codec.earliest(
-                context.time_remaining(),
-                codec.timeout_seconds(parameter_value(request.parameters.get("timeout"))),
-            ),
-        )
+        answer = await codec.infer(self.core, infer_request(request, context.time_remaining()))
         response = pb.ModelInferResponse(
-            model_name=answer.model_name, model_version=str(answer.version), id=request.id
+            model_name=answer.model_name, model_version=answer.model_version, id=request.id
         )
-        for name in outputs:
-            array = codec.output_array(answer, name)
+        for output in answer.outputs:
             response.outputs.add(
-                name=name, datatype=codec.OUTPUT_DATATYPES[name], shape=array.shape
+                name=output.name, datatype=output.datatype, shape=output.array.shape
             )
-            response.raw_output_contents.append(array.tobytes())
+            response.raw_output_contents.append(output.array.tobytes())
         return response
+
+
+def infer_request(
+    request: pb.ModelInferRequest, time_remaining: float | None
+) -> codec.InferRequest:
+    return codec.InferRequest(
+        model_name=request.model_name,
+        model_version=request.model_version,
+        input=infer_input(request),
+        outputs=requested_output_names(request.outputs),
+        parameters={
+            name: parameter_value(parameter) for name, parameter in request.parameters.items()
+        },
+        time_remaining=time_remaining,
+    )
 
 
 def tensor_metadata(tensor: codec.Tensor) -> pb.ModelMetadataResponse.TensorMetadata:
@@ -136,10 +130,10 @@ def parameter_value(parameter: pb.InferParameter | None) -> Any:
     return None if choice is None else getattr(parameter, choice)
 
 
-def input_bytes(
-    request: pb.ModelInferRequest, tensor: pb.ModelInferRequest.InferInputTensor
-) -> bytes:
-    """The input's elements as little-endian bytes, from raw_input_contents or contents."""
+def infer_input(request: pb.ModelInferRequest) -> codec.InferInput:
+    """The one input, its elements from raw_input_contents or typed in contents."""
+    tensor = codec.one_input(list(request.inputs))
+    shape = list(tensor.shape)
     if request.raw_input_contents:
         if len(request.raw_input_contents) != 1:
             raise InvalidInput(
@@ -148,20 +142,14 @@ def input_bytes(
             )
         if tensor.HasField("contents"):
             raise InvalidInput("the input carries both contents and raw_input_contents; send one")
-        return bytes(request.raw_input_contents[0])
-    field, numpy_type = CONTENT_FIELDS[tensor.datatype]
-    values = getattr(tensor.contents, field)
-    needed = math.prod(tensor.shape)
-    if needed >= 0 and len(values) != needed:  # a negative dim is the shape check's to report
-        raise InvalidInput(
-            f"input {tensor.name!r} carries {len(values)} values in contents.{field}; "
-            f"shape {list(tensor.shape)} needs {needed}"
-        )
-    array = np.asarray(values, dtype=numpy_type)  # one call over the field, no Python loop
-    if tensor.datatype == "UINT8":
-        if array.size and array.max() > 255:
-            raise InvalidInput(
-                f"UINT8 pixels must be 0..255; contents.uint_contents holds {int(array.max())}"
-            )
-        array = array.astype(np.uint8)
-    return bytes(array.tobytes())
+        raw = bytes(request.raw_input_contents[0])
+        return codec.InferInput(tensor.name, tensor.datatype, shape, raw=raw)
+    field = CONTENT_FIELDS.get(tensor.datatype, "")  # an unknown datatype is the codec's
+    return codec.InferInput(
+        tensor.name,
+        tensor.datatype,
+        shape,
+        values=getattr(tensor.contents, field) if field else (),
+        what=f"input {tensor.name!r}",
+        where=f" in contents.{field}",
+    )

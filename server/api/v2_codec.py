@@ -1,12 +1,15 @@
 """The Open Inference Protocol's (KServe v2) view of the model, shared by its gRPC (v2.py)
 and REST (v2_rest.py) bindings: tensor names and data types, version strings, requested
-outputs, the timeout parameter. Knows neither proto nor HTTP.
+outputs, the timeout parameter, and `infer`, the one inference path both bindings call.
+Knows neither proto nor HTTP: each binding parses its request into an `InferRequest` and
+formats the `InferResponse`, nothing else.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from importlib import metadata
 from typing import Any
 
 import numpy as np
@@ -15,10 +18,10 @@ from mnist_serving.contract import INPUT_NAME, NUM_CLASSES, OUTPUTS
 
 from ..core import Answer, InferenceCore
 from ..errors import InvalidInput, ModelNotFound
-from ..validation import decimal
+from ..validation import decimal, pinned_version, values_bytes
 
 SERVER_NAME = "mnist-serving"
-SERVER_VERSION = "0.1.0"
+SERVER_VERSION = metadata.version(SERVER_NAME)
 EXTENSIONS = ("binary_tensor_data",)  # the REST binding's; gRPC has raw_*_contents built in
 PLATFORM = "tensorflow_savedmodel"
 # Protocol data type -> the core's dtype name.
@@ -57,9 +60,7 @@ def version_number(text: str) -> int:
     version = decimal(text)
     if version is None:
         raise InvalidInput(f"model version {text!r} is not a version number; versions are 1, 2...")
-    if version < 1:
-        raise ModelNotFound(f"version {version} is not loaded; versions are positive integers")
-    return version
+    return pinned_version(version, str(version))
 
 
 def model_versions(core: InferenceCore, name: str, version: str) -> list[int]:
@@ -135,3 +136,69 @@ def output_array(answer: Answer, name: str) -> np.ndarray:
     if name == "probabilities":
         return answer.prediction.probabilities.astype("<f4", copy=False)
     return answer.prediction.classes.astype("<i8", copy=False)
+
+
+@dataclass(frozen=True)
+class InferInput:
+    """The request's input as a binding parsed it: raw little-endian bytes, or numbers."""
+
+    name: str
+    datatype: str
+    shape: list[int]
+    raw: bytes | None = None  # raw_input_contents, or the REST binary data extension
+    values: Any = None  # typed contents, or JSON "data" (when raw is None)
+    what: str = "the input's data"  # how errors name the values
+    where: str = ""  # and where they were (" in contents.fp32_contents")
+
+
+@dataclass(frozen=True)
+class InferRequest:
+    model_name: str
+    model_version: str  # "" for the newest
+    input: InferInput
+    outputs: list[str]  # the names asked for, in order; empty for all
+    parameters: Mapping[str, Any]  # the request's parameters as plain values
+    time_remaining: float | None  # the transport's deadline budget (seconds)
+
+
+@dataclass(frozen=True)
+class InferOutput:
+    name: str
+    datatype: str
+    array: np.ndarray  # in its wire type, little-endian
+
+
+@dataclass(frozen=True)
+class InferResponse:
+    model_name: str
+    model_version: str
+    outputs: list[InferOutput]
+
+
+async def infer(core: InferenceCore, request: InferRequest) -> InferResponse:
+    """ModelInfer, whichever binding it came through."""
+    core.versions(request.model_name)  # an unknown model is NOT_FOUND at once
+    check_parameters(request.parameters)
+    outputs = requested_outputs(request.outputs)
+    tensor = request.input
+    dtype = input_dtype(tensor.name, tensor.datatype)
+    version = version_number(request.model_version)
+    content = tensor.raw
+    if content is None:
+        content = values_bytes(tensor.values, dtype, tensor.shape, tensor.what, where=tensor.where)
+    answer = await core.predict(
+        model_name=request.model_name,
+        version=version,
+        dtype=dtype,
+        shape=tensor.shape,
+        content=content,
+        time_remaining=earliest(
+            request.time_remaining,
+            timeout_seconds(request.parameters.get(TIMEOUT_PARAMETER)),
+        ),
+    )
+    return InferResponse(
+        answer.model_name,
+        str(answer.version),
+        [InferOutput(name, OUTPUT_DATATYPES[name], output_array(answer, name)) for name in outputs],
+    )

@@ -12,7 +12,6 @@ it) and/or the X-Request-Timeout-Ms header; the tighter one applies.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 from aiohttp import web
@@ -28,20 +27,20 @@ HEADER_LENGTH = "Inference-Header-Content-Length"
 BINARY = "application/octet-stream"
 
 
-def routes(core: InferenceCore) -> list[web.RouteDef]:
+def routes(core: InferenceCore, binding: rest.RestBinding) -> list[web.RouteDef]:
     api = V2Rest(core)
     model = "/v2/models/{name}"
     version = "/v2/models/{name}/versions/{version}"
     routes = [
-        web.get("/v2/health/live", rest.counted(API, "ServerLive", api.live)),
-        web.get("/v2/health/ready", rest.counted(API, "ServerReady", api.ready)),
-        web.get("/v2", rest.counted(API, "ServerMetadata", api.server_metadata)),
+        web.get("/v2/health/live", binding.counted(API, "ServerLive", api.live)),
+        web.get("/v2/health/ready", binding.counted(API, "ServerReady", api.ready)),
+        web.get("/v2", binding.counted(API, "ServerMetadata", api.server_metadata)),
     ]
     for path in (model, version):
         routes += [
-            web.get(path, rest.counted(API, "ModelMetadata", api.model_metadata)),
-            web.get(path + "/ready", rest.counted(API, "ModelReady", api.model_ready)),
-            web.post(path + "/infer", rest.counted(API, "ModelInfer", api.infer)),
+            web.get(path, binding.counted(API, "ModelMetadata", api.model_metadata)),
+            web.get(path + "/ready", binding.counted(API, "ModelReady", api.model_ready)),
+            web.post(path + "/infer", binding.counted(API, "ModelInfer", api.infer)),
         ]
     return routes
 
@@ -89,13 +88,12 @@ class V2Rest:
         )
 
     async def infer(self, request: web.Request) -> web.Response:
-        self.core.versions(request.match_info["name"])  # an unknown model is 404 at once
+        name = request.match_info["name"]
+        self.core.versions(name)  # an unknown model is 404 before the body is read
         body, binary = split_body(request, await rest.read_body(request))
         parameters = mapping(body.get("parameters", {}), "parameters")
-        codec.check_parameters(parameters)
         binary_by_default = parameters.get("binary_data_output") is True
         wanted = [mapping(o, "each output") for o in list_of(body.get("outputs", []), "outputs")]
-        outputs = codec.requested_outputs(str(o.get("name")) for o in wanted)
         as_binary = {
             str(o.get("name")): mapping(o.get("parameters", {}), "output parameters").get(
                 "binary_data", binary_by_default
@@ -103,47 +101,38 @@ class V2Rest:
             is True
             for o in wanted
         }
-        tensor = mapping(codec.one_input(list_of(body.get("inputs"), "inputs")), "the input")
-        datatype = tensor.get("datatype")
-        dtype = codec.input_dtype(str(tensor.get("name")), str(datatype))
-        shape = tensor.get("shape")
-        if not isinstance(shape, list) or not all(
-            isinstance(d, int) and not isinstance(d, bool) for d in shape
-        ):
-            raise InvalidInput(f"the input's shape must be a list of integers, got {shape!r}")
-        answer = await self.core.predict(
-            model_name=request.match_info["name"],
-            version=codec.version_number(request.match_info.get("version", "")),
-            dtype=dtype,
-            shape=shape,
-            content=input_bytes(tensor, str(datatype), dtype, shape, binary),
-            time_remaining=codec.earliest(
-                rest.time_remaining(request),
-                codec.timeout_seconds(parameters.get(codec.TIMEOUT_PARAMETER)),
+        answer = await codec.infer(
+            self.core,
+            codec.InferRequest(
+                model_name=name,
+                model_version=request.match_info.get("version", ""),
+                input=infer_input(body.get("inputs"), binary),
+                outputs=[str(o.get("name")) for o in wanted],
+                parameters=parameters,
+                time_remaining=rest.time_remaining(request),
             ),
         )
         header: dict[str, Any] = {
             "model_name": answer.model_name,
-            "model_version": str(answer.version),
+            "model_version": answer.model_version,
             "outputs": [],
         }
         if "id" in body:
             header["id"] = body["id"]
         chunks = []
-        for name in outputs:
-            array = codec.output_array(answer, name)
-            output: dict[str, Any] = {
-                "name": name,
-                "datatype": codec.OUTPUT_DATATYPES[name],
-                "shape": list(array.shape),
+        for output in answer.outputs:
+            described: dict[str, Any] = {
+                "name": output.name,
+                "datatype": output.datatype,
+                "shape": list(output.array.shape),
             }
-            if as_binary.get(name, binary_by_default):
-                data = array.tobytes()
-                output["parameters"] = {"binary_data_size": len(data)}
+            if as_binary.get(output.name, binary_by_default):
+                data = output.array.tobytes()
+                described["parameters"] = {"binary_data_size": len(data)}
                 chunks.append(data)
             else:
-                output["data"] = array.ravel().tolist()
-            header["outputs"].append(output)
+                described["data"] = output.array.ravel().tolist()
+            header["outputs"].append(described)
         if not chunks:
             return rest.json_response(header)
         json_bytes = rest.json_bytes(header)
@@ -172,10 +161,15 @@ def split_body(request: web.Request, body: bytes) -> tuple[dict[str, Any], bytes
     return rest.parse_json(body[:size], "the JSON header"), body[size:]
 
 
-def input_bytes(
-    tensor: dict[str, Any], datatype: str, dtype: str, shape: list[int], binary: bytes
-) -> bytes:
-    """The input's elements as little-endian bytes, from the binary data or from "data"."""
+def infer_input(inputs: Any, binary: bytes) -> codec.InferInput:
+    """The one input, its elements from the binary data or from "data"."""
+    tensor = mapping(codec.one_input(list_of(inputs, "inputs")), "the input")
+    shape = tensor.get("shape")
+    if not isinstance(shape, list) or not all(
+        isinstance(d, int) and not isinstance(d, bool) for d in shape
+    ):
+        raise InvalidInput(f"the input's shape must be a list of integers, got {shape!r}")
+    name, datatype = str(tensor.get("name")), str(tensor.get("datatype"))
     parameters = mapping(tensor.get("parameters", {}), "the input's parameters")
     if any(key.startswith("shared_memory") for key in parameters):
         raise InvalidInput("shared memory inputs are not supported; send data or binary data")
@@ -188,20 +182,14 @@ def input_bytes(
             )
         if "data" not in tensor:
             raise InvalidInput('the input needs "data", or binary data (binary_data_size)')
-        array = rest.number_array(tensor["data"], "the input's data")
-        needed = math.prod(shape)
-        if needed >= 0 and array.size != needed:
-            raise InvalidInput(
-                f"the input's data holds {array.size} values; shape {shape} needs {needed}"
-            )
-        return rest.pixel_bytes(array, dtype, "the input's data")
+        return codec.InferInput(name, datatype, shape, values=tensor["data"])
     if "data" in tensor:
         raise InvalidInput("the input carries both data and binary_data_size; send one")
     if isinstance(size, bool) or not isinstance(size, int) or size != len(binary):
         raise InvalidInput(
             f"binary_data_size is {size!r}, but {len(binary)} bytes follow the JSON header"
         )
-    return binary
+    return codec.InferInput(name, datatype, shape, raw=binary)
 
 
 def mapping(value: Any, what: str) -> dict[str, Any]:

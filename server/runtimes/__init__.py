@@ -15,18 +15,15 @@ only, and refuses a version without one with a message that says what to install
 from __future__ import annotations
 
 import importlib.util
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Literal
 
-import numpy as np
-
-from mnist_serving.contract import NUM_CLASSES, TWIN
+from mnist_serving.contract import TWIN
 
 from ..errors import StartupError
+from .base import Model, Prediction
 
 __all__ = [
-    "NUM_CLASSES",
     "RUNTIMES",
     "Model",
     "Prediction",
@@ -40,40 +37,6 @@ __all__ = [
 RuntimeSetting = Literal["auto", "litert", "tensorflow"]
 RUNTIMES: tuple[RuntimeSetting, ...] = ("auto", "litert", "tensorflow")
 INSTALL_TENSORFLOW = "pip install 'mnist-serving[tensorflow]'"
-
-
-@dataclass(frozen=True)
-class Prediction:
-    probabilities: np.ndarray  # float32 [N, 10]
-    classes: np.ndarray  # int64 [N]
-
-    def __len__(self) -> int:
-        return len(self.classes)
-
-
-class Model(Protocol):
-    """One loaded, warmed-up model version."""
-
-    name: str
-    version: int
-    path: Path
-    load_seconds: float
-    runtime: str  # "tensorflow" or "litert": what runs it, for logs, metadata and metrics
-    report: dict[str, Any]  # the trainer's metrics.json
-    # Signature name -> SignatureDef proto as written in saved_model.pb: what TensorFlow
-    # Serving's GetModelMetadata reports.
-    signature_defs: dict[str, Any]
-    # Batches of at most this many images may be predicted on the event loop's own thread
-    # (cheaper than a thread hop when the call takes microseconds); 0: never.
-    inline_max_images: int
-
-    def predict(self, images: np.ndarray) -> Prediction:
-        """Run the signature that matches images.dtype on [N, 28, 28]; blocking."""
-        ...
-
-    def release(self) -> None:
-        """Drop the hold on the weights (after the version's last call)."""
-        ...
 
 
 class RuntimeUnavailable(Exception):

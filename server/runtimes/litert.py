@@ -31,7 +31,7 @@ from mnist_serving.contract import INPUT_NAME, NUM_CLASSES, OUTPUTS, SIGNATURES,
 from mnist_serving.contract.tfquiet import captured_stderr
 
 from ..errors import InvalidInput
-from . import Prediction
+from .base import Prediction
 from .savedmodel import read_report, read_signature_defs
 
 logger = logging.getLogger(__name__)
