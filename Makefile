@@ -29,6 +29,7 @@ pytest: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports
 
 # mypy cannot follow setuptools' editable-install finder, so it reads the packages
 # through a throw-away tree of links that mirrors the installed names.
