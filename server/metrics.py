@@ -43,6 +43,8 @@ from prometheus_client import (
 from prometheus_client.mmap_dict import MmapedDict
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
+from mnist_serving.contract import NUM_CLASSES
+
 NAMESPACE = "mnist"
 # The *_created series double what an operator scrapes and graph nothing useful here.
 disable_created_metrics()
@@ -137,7 +139,7 @@ WORKER_RESTARTS = Counter(
     "worker_restarts", "Worker processes started again after one died.", namespace=NAMESPACE
 )
 
-_CLASS_LABELS = [str(digit) for digit in range(10)]
+_CLASS_LABELS = [str(digit) for digit in range(NUM_CLASSES)]
 _CLASS_CHILDREN = [PREDICTED_CLASS.labels(label) for label in _CLASS_LABELS]
 
 
@@ -145,7 +147,9 @@ def count_classes(classes: np.ndarray) -> None:
     if len(classes) == 1:  # the common single-image call: no bincount
         _CLASS_CHILDREN[int(classes[0])].inc()
         return
-    for child, count in zip(_CLASS_CHILDREN, np.bincount(classes, minlength=10), strict=False):
+    for child, count in zip(
+        _CLASS_CHILDREN, np.bincount(classes, minlength=NUM_CLASSES), strict=False
+    ):
         if count:
             child.inc(int(count))
 

@@ -18,7 +18,7 @@ from .errors import InvalidInput, ModelNotFound
 PIXELS = IMAGE_SIDE * IMAGE_SIDE
 # Little-endian on the wire, whatever the host.
 DTYPES: dict[str, np.dtype] = {"uint8": np.dtype("u1"), "float32": np.dtype("<f4")}
-ACCEPTED_SHAPES = "[N, 28, 28] or [N, 784]"
+ACCEPTED_SHAPES = f"[N, {IMAGE_SIDE}, {IMAGE_SIDE}] or [N, {PIXELS}]"
 SHOWN_DIMS = 6  # a shape quoted in an error message shows at most this many dims
 
 

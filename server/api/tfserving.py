@@ -35,7 +35,7 @@ from mnist_serving.protos.tensorflow_serving.apis import (
 
 from ..core import InferenceCore, VersionReport
 from ..errors import InvalidInput
-from ..validation import check_shape, values_bytes
+from ..validation import ACCEPTED_SHAPES, check_shape, values_bytes
 from . import tfserving_codec as codec
 from .rpc import Handlers, RpcBinding
 
@@ -195,7 +195,7 @@ def images_for_core(inputs: Any, signature: str) -> tuple[str, list[int], bytes]
     if tensor.dtype != expected:
         raise InvalidInput(dtype_mismatch(signature, expected, tensor.dtype))
     if tensor.tensor_shape.unknown_rank:
-        raise InvalidInput("images needs a known shape: [N, 28, 28] or [N, 784]")
+        raise InvalidInput(f"images needs a known shape: {ACCEPTED_SHAPES}")
     shape = list(check_shape([d.size for d in tensor.tensor_shape.dim]))
     return CORE_DTYPES[expected], shape, tensor_bytes(tensor, shape)
 

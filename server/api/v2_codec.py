@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from mnist_serving.contract import INPUT_NAME, NUM_CLASSES, OUTPUTS
+from mnist_serving.contract import IMAGE_SIDE, INPUT_NAME, NUM_CLASSES, OUTPUTS
 
 from ..core import Answer, InferenceCore
 from ..errors import InvalidInput, ModelNotFound
@@ -43,7 +43,7 @@ class Tensor:
 def input_metadata() -> list[Tensor]:
     # One entry per name: the protocol has no way to list two data types for one input;
     # FP32 [-1, 28, 28] (scaled to [0, 1]) and [-1, 784] are accepted as well.
-    return [Tensor(INPUT_NAME, "UINT8", [-1, 28, 28])]
+    return [Tensor(INPUT_NAME, "UINT8", [-1, IMAGE_SIDE, IMAGE_SIDE])]
 
 
 def output_metadata() -> list[Tensor]:

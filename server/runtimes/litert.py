@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 from ai_edge_litert.interpreter import Interpreter
 
-from mnist_serving.contract import INPUT_NAME, NUM_CLASSES, OUTPUTS, SIGNATURES, TWIN
+from mnist_serving.contract import IMAGE_SIDE, INPUT_NAME, NUM_CLASSES, OUTPUTS, SIGNATURES, TWIN
 from mnist_serving.contract.tfquiet import captured_stderr
 
 from ..errors import InvalidInput
@@ -167,7 +167,7 @@ def _warm_up(model: TwinModel, flatbuffer: bytes) -> None:
     for dtype in SIGNATURES:
         # The first calls allocate and set XNNPACK up; pay for them before traffic.
         for count in (1, model.inline_max_images + 1):
-            result = model.predict(np.zeros((count, 28, 28), dtype=dtype))
+            result = model.predict(np.zeros((count, IMAGE_SIDE, IMAGE_SIDE), dtype=dtype))
             if result.probabilities.shape != (count, NUM_CLASSES):
                 raise ValueError(f"it returns probabilities {result.probabilities.shape}")
 
@@ -180,10 +180,12 @@ def _check_signatures(interpreter: Interpreter) -> None:
         if found[key]["inputs"] != [INPUT_NAME] or sorted(found[key]["outputs"]) != sorted(OUTPUTS):
             raise ValueError(f"signature {key!r} is not images -> {list(OUTPUTS)}: {found[key]}")
         details = interpreter.get_signature_runner(key).get_input_details()[INPUT_NAME]
-        if details["dtype"] != _DTYPES[dtype] or list(details["shape_signature"]) != [-1, 28, 28]:
+        shape = [int(d) for d in details["shape_signature"]]
+        wanted = [-1, IMAGE_SIDE, IMAGE_SIDE]
+        if details["dtype"] != _DTYPES[dtype] or shape != wanted:
             raise ValueError(
                 f"signature {key!r} takes {np.dtype(details['dtype']).name} "
-                f"{list(details['shape_signature'])}, not {dtype} [-1, 28, 28]"
+                f"{shape}, not {dtype} {wanted}"
             )
 
 
