@@ -1,22 +1,30 @@
-"""Dynamic batching: merge concurrent requests into one model call, split the results back.
+"""Dynamic batching with two priority classes: merge concurrent requests into one model
+call, split the results back, and keep online callers ahead of batch jobs.
 
-Each request (already a batch of N images) gets a future and joins a queue. One task per
-batcher takes requests from the queue front and runs the model on them together when
-- the merged batch holds max_batch_size images, or
-- the oldest request has waited batch_timeout, or
-- at once, when batch_timeout is 0: under load, requests that arrive while the model is
-  busy form the next batch by themselves, so light traffic pays no added latency.
-A request bigger than max_batch_size runs alone. Requests whose deadline has passed, or
-whose caller went away, are dropped before they reach the model. The queue is bounded in
-images; beyond it, new requests are refused at once (load shedding).
+Each request (already a batch of N images) gets a future and joins the queue of its class,
+`online` or `batch` (call_context.py). One task per batcher makes one model call at a time:
+- The next call takes online work when there is any: the online requests at the queue
+  front, merged up to max_batch_size images (a request bigger than that runs alone). They
+  go when the merged batch is full, when the oldest has waited batch_timeout, or at once
+  when batch_timeout is 0: under load, requests that arrive while the model is busy form
+  the next batch by themselves, so light traffic pays no added latency.
+- Batch-class requests run in chunks of at most batch_chunk_images images (a chunk may
+  hold the ends and starts of several requests, in order), so that an online request
+  never waits for more than one chunk's model time. A request's future resolves once its
+  last chunk is done.
+- Batch work is never starved: while online work keeps coming, at least one model call in
+  batch_every runs a batch chunk.
+Requests whose deadline has passed, or whose caller went away, are dropped before (the
+rest of) their images reach the model. Each class's queue is bounded in images; beyond it,
+new requests of that class are refused at once (load shedding), so a batch job that fills
+its queue never takes the room online calls have.
 
 A model that answers a few images in microseconds (LiteRT) may take them inline: when
-nothing is queued or running and batch_timeout is 0, a request of at most
-inline_max_images would form a batch by itself and run at once anyway, so it is predicted
-right there on the event loop, without the queue, the future and the thread hop (which
-cost more than the call). Order is kept (nothing is waiting that it could overtake), and
-so are deadlines, shedding and the metrics; a request that finds the queue or the model
-busy joins the queue as before.
+the model is idle, no online request waits and batch_timeout is 0, an online request of at
+most inline_max_images would form a batch by itself and run at once anyway, so it is
+predicted right there on the event loop, without the queue, the future and the thread hop
+(which cost more than the call). Order is kept (no online request is waiting that it could
+overtake), and so are deadlines, shedding and the metrics.
 """
 
 from __future__ import annotations
@@ -32,6 +40,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import metrics
+from .call_context import BATCH, ONLINE, PRIORITIES, Priority
 from .errors import DeadlineExpired, Overloaded, ShuttingDown
 from .runtimes.base import Prediction
 
@@ -40,12 +49,28 @@ logger = logging.getLogger(__name__)
 Predict = Callable[[np.ndarray], Prediction]
 
 
-@dataclass
+@dataclass(eq=False)
 class _Request:
     images: np.ndarray
     deadline: float | None  # time.monotonic() value, or None for no deadline
     future: asyncio.Future[Prediction]
+    priority: Priority
     enqueued: float = field(default_factory=time.monotonic)
+    taken: int = 0  # images handed to the model so far (batch chunks)
+    answered: list[Prediction] = field(default_factory=list)  # their rows, in order
+
+    @property
+    def left(self) -> int:
+        return len(self.images) - self.taken
+
+
+@dataclass(frozen=True)
+class _Part:
+    """A run of one request's images in a model call."""
+
+    request: _Request
+    start: int
+    stop: int
 
 
 class Batcher:
@@ -58,16 +83,28 @@ class Batcher:
         timeout: float,
         max_queued_images: int,
         inline_max_images: int = 0,
+        max_queued_batch_images: int | None = None,
+        batch_chunk_images: int | None = None,
+        batch_every: int = 4,
     ) -> None:
         self._predict = predict
         self._executor = executor
         self.max_batch_size = max_batch_size
         self.timeout = timeout
-        self.max_queued_images = max_queued_images
+        self.limits: dict[Priority, int] = {
+            ONLINE: max_queued_images,
+            BATCH: max_queued_images
+            if max_queued_batch_images is None
+            else max_queued_batch_images,
+        }
+        self.chunk = min(batch_chunk_images or max_batch_size, max_batch_size)
+        self.batch_every = max(1, batch_every)
         self.inline_max_images = min(inline_max_images, max_batch_size) if timeout == 0 else 0
         self._busy = False  # a batch is in the model
-        self._queue: deque[_Request] = deque()
-        self._queued_images = 0
+        self._queues: dict[Priority, deque[_Request]] = {p: deque() for p in PRIORITIES}
+        self._queued: dict[Priority, int] = dict.fromkeys(PRIORITIES, 0)  # images
+        self._online_streak = 0  # online model calls in a row while batch work waited
+        self._waited = {p: metrics.QUEUE_WAIT.labels(p) for p in PRIORITIES}
         self._arrived = asyncio.Event()
         self._closed = False
         self._task: asyncio.Task[None] | None = None
@@ -76,24 +113,29 @@ class Batcher:
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._run(), name="batcher")
 
-    async def submit(self, images: np.ndarray, deadline: float | None = None) -> Prediction:
-        """Predict `images` as part of some batch; raises Overloaded when the queue is full."""
+    async def submit(
+        self, images: np.ndarray, deadline: float | None = None, priority: Priority = ONLINE
+    ) -> Prediction:
+        """Predict `images` as part of some model call; raises Overloaded when the queue
+        of their class is full."""
         if self._closed:
             raise ShuttingDown("the server is shutting down; retry on another replica")
         count = len(images)
-        if self._queued_images + count > self.max_queued_images:
-            metrics.REQUESTS_SHED.inc()
+        queued, limit = self._queued[priority], self.limits[priority]
+        if queued + count > limit:
+            metrics.REQUESTS_SHED.labels(priority).inc()
             raise Overloaded(
-                f"the server's queue is full ({self._queued_images} images waiting, "
-                f"limit {self.max_queued_images}); retry with backoff"
+                f"the server's {priority} queue is full ({queued} images waiting, "
+                f"limit {limit}); retry with backoff"
             )
-        if count <= self.inline_max_images and not self._busy and not self._queue:
+        online = self._queues[ONLINE]
+        if priority == ONLINE and count <= self.inline_max_images and not self._busy and not online:
             check_deadline(deadline)
-            metrics.QUEUE_WAIT.observe(0.0)  # every batched request has a wait sample
+            self._waited[ONLINE].observe(0.0)  # every request has a wait sample
             return run_inline(self._predict, images)
         future: asyncio.Future[Prediction] = asyncio.get_running_loop().create_future()
-        self._queue.append(_Request(images, deadline, future))
-        self._queued_images += count
+        self._queues[priority].append(_Request(images, deadline, future, priority))
+        self._queued[priority] += count
         metrics.QUEUE_DEPTH.inc(count)
         self._arrived.set()
         self.start()
@@ -108,21 +150,25 @@ class Batcher:
 
     async def _run(self) -> None:
         while True:
-            if not self._queue:
+            if not any(self._queues.values()):
                 if self._closed:
                     return
                 self._arrived.clear()
                 await self._arrived.wait()
                 continue
-            await self._wait_for_batch()
-            batch = self._take_batch()
-            if batch:
-                await self._execute(batch)
+            if self._queues[ONLINE]:
+                await self._wait_for_online()
+            parts = self._take()
+            if parts:
+                await self._execute(parts)
 
-    async def _wait_for_batch(self) -> None:
-        flush_at = self._queue[0].enqueued + self.timeout
-        while self._queued_images < self.max_batch_size and not self._closed:
-            remaining = flush_at - time.monotonic()  # recomputed after every arrival
+    async def _wait_for_online(self) -> None:
+        """Until the online queue holds a full batch or its oldest request has waited
+        batch_timeout (recomputed after every arrival)."""
+        online = self._queues[ONLINE]
+        flush_at = online[0].enqueued + self.timeout
+        while self._queued[ONLINE] < self.max_batch_size and not self._closed:
+            remaining = flush_at - time.monotonic()
             if remaining <= 0:
                 return
             self._arrived.clear()
@@ -131,54 +177,89 @@ class Batcher:
             except TimeoutError:
                 return
 
-    def _take_batch(self) -> list[_Request]:
-        batch: list[_Request] = []
-        size = 0
-        now = time.monotonic()
-        while self._queue:
-            head = self._queue[0]
-            if batch and size + len(head.images) > self.max_batch_size:
-                break
-            self._queue.popleft()
-            self._queued_images -= len(head.images)
-            metrics.QUEUE_DEPTH.dec(len(head.images))
-            if head.future.done():  # the caller cancelled
-                continue
-            if head.deadline is not None and head.deadline <= now:
-                metrics.DEADLINE_DROPS.inc()
-                head.future.set_exception(
-                    DeadlineExpired("the deadline passed while the request was queued")
-                )
-                continue
-            metrics.QUEUE_WAIT.observe(now - head.enqueued)
-            batch.append(head)
-            size += len(head.images)
-        return batch
+    def _take(self) -> list[_Part]:
+        """The next model call's work: online first, but a batch chunk when batch work has
+        waited through batch_every - 1 online calls in a row."""
+        waiting = bool(self._queues[BATCH])
+        if self._queues[ONLINE] and not (waiting and self._online_streak >= self.batch_every - 1):
+            parts = self._take_from(ONLINE, self.max_batch_size, whole=True)
+            if parts:
+                self._online_streak += 1 if waiting else 0
+                return parts
+        self._online_streak = 0
+        return self._take_from(BATCH, self.chunk, whole=False)
 
-    async def _execute(self, batch: list[_Request]) -> None:
+    def _take_from(self, priority: Priority, size: int, *, whole: bool) -> list[_Part]:
+        """Up to `size` images from the front of a class's queue: whole requests (online;
+        the first may be bigger than `size` and then goes alone), or runs of them (batch)."""
+        queue = self._queues[priority]
+        parts: list[_Part] = []
+        room = size
+        now = time.monotonic()
+        while queue and room > 0:
+            head = queue[0]
+            if head.future.done() or (head.deadline is not None and head.deadline <= now):
+                queue.popleft()
+                self._dequeued(priority, head.left)
+                if not head.future.done():
+                    metrics.DEADLINE_DROPS.inc()
+                    head.future.set_exception(
+                        DeadlineExpired("the deadline passed while the request was queued")
+                    )
+                continue  # the caller cancelled, or the deadline passed
+            if whole and parts and head.left > room:
+                break
+            count = head.left if whole else min(head.left, room)
+            if head.taken == 0:
+                self._waited[priority].observe(now - head.enqueued)
+            parts.append(_Part(head, head.taken, head.taken + count))
+            head.taken += count
+            self._dequeued(priority, count)
+            room -= count
+            if head.left == 0:
+                queue.popleft()
+        return parts
+
+    def _dequeued(self, priority: Priority, count: int) -> None:
+        self._queued[priority] -= count
+        metrics.QUEUE_DEPTH.dec(count)
+
+    async def _execute(self, parts: list[_Part]) -> None:
         images = (
-            batch[0].images
-            if len(batch) == 1
-            else np.concatenate([request.images for request in batch])
+            parts[0].request.images[parts[0].start : parts[0].stop]
+            if len(parts) == 1
+            else np.concatenate([p.request.images[p.start : p.stop] for p in parts])
         )
         self._busy = True
         try:
             result = await run_model(self._predict, self._executor, images)
-        except Exception as error:  # every caller of a failed batch learns of it
-            for request in batch:
-                if not request.future.done():
-                    request.future.set_exception(error)
+        except Exception as error:  # every caller of a failed call learns of it
+            for part in parts:
+                if not part.request.future.done():
+                    part.request.future.set_exception(error)
             return
         finally:
             self._busy = False
         start = 0
-        for request in batch:
-            stop = start + len(request.images)
+        for part in parts:
+            request = part.request
+            stop = start + part.stop - part.start
             if not request.future.done():
-                request.future.set_result(
-                    Prediction(result.probabilities[start:stop], result.classes[start:stop])
-                )
+                rows = Prediction(result.probabilities[start:stop], result.classes[start:stop])
+                if part.start == 0 and part.stop == len(request.images):
+                    request.future.set_result(rows)  # the whole request in one call
+                else:
+                    request.answered.append(rows)
+                    if part.stop == len(request.images):
+                        request.future.set_result(_joined(request.answered))
             start = stop
+
+
+def _joined(parts: list[Prediction]) -> Prediction:
+    return Prediction(
+        np.concatenate([p.probabilities for p in parts]),
+        np.concatenate([p.classes for p in parts]),
+    )
 
 
 def check_deadline(deadline: float | None) -> None:

@@ -13,6 +13,7 @@ from typing import Any
 
 from mnist_serving.contract import NUM_CLASSES
 
+from .call_context import current_call
 from .errors import ModelNotFound, NotReady
 from .runtimes.base import Prediction
 from .settings import Settings
@@ -66,7 +67,7 @@ class InferenceCore:
             raise NotReady("the model is still loading; retry shortly")
         served = self.registry.resolve(model_name, version)
         images = decode_images(dtype, shape, content, self.settings.max_images_per_request)
-        prediction = await served.predict(images, deadline)
+        prediction = await served.predict(images, deadline, current_call().priority)
         return Answer(prediction, self.registry.name, served.version)
 
     def versions(self, model_name: str = "") -> list[VersionReport]:

@@ -56,12 +56,13 @@ LATENCY_BUCKETS = (
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 
 REQUESTS = Counter(
-    "requests", "Calls handled (RPCs and HTTP), by API, method and gRPC status code.",
-    ["api", "method", "code"], namespace=NAMESPACE,
+    "requests",
+    "Calls handled (RPCs and HTTP), by API, method, gRPC status code and priority class.",
+    ["api", "method", "code", "priority"], namespace=NAMESPACE,
 )  # fmt: skip
 REQUEST_SECONDS = Histogram(
     "request_duration_seconds", "Time from receiving an RPC to answering it.",
-    ["api", "method"], namespace=NAMESPACE, buckets=LATENCY_BUCKETS,
+    ["api", "method", "priority"], namespace=NAMESPACE, buckets=LATENCY_BUCKETS,
 )  # fmt: skip
 UNDECODABLE = Counter(
     "undecodable_requests", "Requests whose bytes were not a message of the method's type.",
@@ -72,16 +73,19 @@ IN_FLIGHT = Gauge(
     namespace=NAMESPACE, multiprocess_mode="livesum",
 )  # fmt: skip
 QUEUE_WAIT = Histogram(
-    "batch_queue_wait_seconds", "Time a request waited in the batch queue.",
-    namespace=NAMESPACE, buckets=LATENCY_BUCKETS,
+    "batch_queue_wait_seconds",
+    "Time a request waited in the batch queue of its priority class (until its first images "
+    "reached the model).",
+    ["priority"], namespace=NAMESPACE, buckets=LATENCY_BUCKETS,
 )  # fmt: skip
 QUEUE_DEPTH = Gauge(
     "batch_queue_depth", "Images waiting in the batch queues.",
     namespace=NAMESPACE, multiprocess_mode="livesum",
 )  # fmt: skip
 REQUESTS_SHED = Counter(
-    "requests_shed", "Requests refused because the batch queue was full.", namespace=NAMESPACE
-)
+    "requests_shed", "Requests refused because the queue of their priority class was full.",
+    ["priority"], namespace=NAMESPACE,
+)  # fmt: skip
 DEADLINE_DROPS = Counter(
     "deadline_drops", "Requests dropped before the model because their deadline passed.",
     namespace=NAMESPACE,

@@ -31,6 +31,7 @@ from mnist_serving.contract import SIGNATURES, version_dirs
 
 from . import metrics
 from .batcher import Batcher, check_deadline, run_inline, run_model
+from .call_context import ONLINE, Priority
 from .errors import ModelNotFound
 from .runtimes import Model, Prediction, RuntimeUnavailable, import_runtime, load_model
 from .settings import Settings
@@ -61,7 +62,9 @@ class ServedVersion:
     def in_flight(self) -> int:
         return self._in_flight
 
-    async def predict(self, images: np.ndarray, deadline: float | None) -> Prediction:
+    async def predict(
+        self, images: np.ndarray, deadline: float | None, priority: Priority = ONLINE
+    ) -> Prediction:
         # Counted so that an unload waits for every request that already holds this
         # version, batched or not, before the model is released.
         self._in_flight += 1
@@ -69,7 +72,7 @@ class ServedVersion:
         try:
             batcher = self.batchers.get(images.dtype)
             if batcher is not None:
-                return await batcher.submit(images, deadline)
+                return await batcher.submit(images, deadline, priority)
             check_deadline(deadline)
             if len(images) <= self.model.inline_max_images:
                 return run_inline(self.model.predict, images)
@@ -294,6 +297,9 @@ class ModelRegistry:
                     timeout=self.settings.batch_timeout_ms / 1000,
                     max_queued_images=self.settings.max_queued_images,
                     inline_max_images=model.inline_max_images,
+                    max_queued_batch_images=self.settings.max_queued_batch_images,
+                    batch_chunk_images=self.settings.batch_chunk_images,
+                    batch_every=self.settings.batch_every,
                 )
         logger.info(
             "version loaded",

@@ -67,9 +67,9 @@ TENSORFLOW_PACKAGES = {
 
 # The server's metrics contract: sample name stem -> (type, label names).
 METRICS: dict[str, tuple[str, frozenset[str]]] = {
-    "mnist_requests_total": ("counter", frozenset({"api", "method", "code"})),
-    "mnist_request_duration_seconds": ("histogram", frozenset({"api", "method"})),
-    "mnist_batch_queue_wait_seconds": ("histogram", frozenset()),
+    "mnist_requests_total": ("counter", frozenset({"api", "method", "code", "priority"})),
+    "mnist_request_duration_seconds": ("histogram", frozenset({"api", "method", "priority"})),
+    "mnist_batch_queue_wait_seconds": ("histogram", frozenset({"priority"})),
     "mnist_model_inference_seconds": ("histogram", frozenset()),
     "mnist_images_predicted_total": ("counter", frozenset()),
     "mnist_batch_size_images": ("histogram", frozenset()),

@@ -56,15 +56,21 @@ def test_calls_move_the_counters_and_histograms_by_what_was_sent(
     def delta(metric: str, **labels: str) -> float:
         return value(after, metric, **labels) - value(before, metric, **labels)
 
-    ok = {"api": "native", "method": "Predict", "code": "OK"}
+    ok = {"api": "native", "method": "Predict", "code": "OK", "priority": "online"}
     assert delta("mnist_requests_total", **ok) == 3
     assert delta("mnist_requests_total", **{**ok, "code": "INVALID_ARGUMENT"}) == 1
-    assert delta("mnist_request_duration_seconds_count", api="native", method="Predict") == 4
+    assert (
+        delta(
+            "mnist_request_duration_seconds_count",
+            api="native", method="Predict", priority="online",
+        )
+        == 4
+    )  # fmt: skip
     assert delta("mnist_images_predicted_total") == 21
     assert delta("mnist_batch_size_images_sum") == 21
     assert delta("mnist_batch_size_images_count") == 3
     assert delta("mnist_model_inference_seconds_count") == 3
-    assert delta("mnist_batch_queue_wait_seconds_count") == 3
+    assert delta("mnist_batch_queue_wait_seconds_count", priority="online") == 3
     assert sum(delta("mnist_predicted_class_total", **{"class": str(d)}) for d in range(10)) == 21
     assert value(after, "mnist_requests_in_flight") == 0
     assert value(after, "mnist_batch_queue_depth") == 0
@@ -200,10 +206,10 @@ import os, sys
 import numpy as np
 from mnist_serving.server import metrics
 n = int(sys.argv[1])
-metrics.REQUESTS.labels("native", "Predict", "OK").inc(n)
-metrics.REQUESTS.labels("v2", "ModelInfer", "INVALID_ARGUMENT").inc(1)
+metrics.REQUESTS.labels("native", "Predict", "OK", "online").inc(n)
+metrics.REQUESTS.labels("v2", "ModelInfer", "INVALID_ARGUMENT", "online").inc(1)
 for seconds in (0.0002, 0.003, 0.3)[:n]:
-    metrics.REQUEST_SECONDS.labels("native", "Predict").observe(seconds)
+    metrics.REQUEST_SECONDS.labels("native", "Predict", "online").observe(seconds)
 metrics.count_classes(np.arange(n) % 10)
 metrics.IN_FLIGHT.inc(n)
 print(os.getpid())
@@ -239,7 +245,8 @@ def test_a_dead_workers_counts_are_folded_into_the_archive_and_its_files_removed
     first, second = worker(2), worker(3)
     before = kept_series(metrics.exposition()[0])
     assert before[("mnist_requests_total", (("api", "native"), ("code", "OK"),
-                                            ("method", "Predict")))] == 5  # fmt: skip
+                                            ("method", "Predict"),
+                                            ("priority", "online")))] == 5  # fmt: skip
     metrics.process_gone(first)
     assert not list(tmp_path.glob(f"*_{first}.db"))
     assert kept_series(metrics.exposition()[0]) == before
@@ -254,9 +261,15 @@ def test_a_dead_workers_counts_are_folded_into_the_archive_and_its_files_removed
     ]
     third = worker(1)
     after = kept_series(metrics.exposition()[0])
-    key = ("mnist_requests_total", (("api", "native"), ("code", "OK"), ("method", "Predict")))
+    key = (
+        "mnist_requests_total",
+        (("api", "native"), ("code", "OK"), ("method", "Predict"), ("priority", "online")),
+    )
     assert after[key] == 6
     metrics.process_gone(third)
     assert kept_series(metrics.exposition()[0]) == after
-    count = ("mnist_request_duration_seconds_count", (("api", "native"), ("method", "Predict")))
+    count = (
+        "mnist_request_duration_seconds_count",
+        (("api", "native"), ("method", "Predict"), ("priority", "online")),
+    )
     assert after[count] == 2 + 3 + 1

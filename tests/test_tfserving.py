@@ -470,7 +470,7 @@ def test_other_tf_serving_rpcs_are_unimplemented(
 
 
 def requests_total(samples: dict[Any, float], api: str, method: str, code: str) -> float:
-    labels = (("api", api), ("code", code), ("method", method))
+    labels = (("api", api), ("code", code), ("method", method), ("priority", "online"))
     return samples.get(("mnist_requests_total", labels), 0.0)
 
 

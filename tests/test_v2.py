@@ -169,7 +169,12 @@ def test_methods_not_served_answer_unimplemented_and_are_counted(
 ) -> None:
     key = (
         "mnist_requests_total",
-        (("api", "v2"), ("code", "UNIMPLEMENTED"), ("method", "ModelConfig")),
+        (
+            ("api", "v2"),
+            ("code", "UNIMPLEMENTED"),
+            ("method", "ModelConfig"),
+            ("priority", "online"),
+        ),
     )
     before = scrape(served_tiny).get(key, 0.0)
     with pytest.raises(InferenceServerException) as raised:
@@ -181,7 +186,10 @@ def test_methods_not_served_answer_unimplemented_and_are_counted(
 def test_calls_are_counted_under_api_v2(
     served_tiny: ServerProcess, client: triton.InferenceServerClient
 ) -> None:
-    key = ("mnist_requests_total", (("api", "v2"), ("code", "OK"), ("method", "ModelInfer")))
+    key = (
+        "mnist_requests_total",
+        (("api", "v2"), ("code", "OK"), ("method", "ModelInfer"), ("priority", "online")),
+    )
     before = scrape(served_tiny).get(key, 0.0)
     client.infer("mnist", [infer_input(pixels(2))])
     assert scrape(served_tiny)[key] == before + 1

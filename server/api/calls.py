@@ -8,7 +8,9 @@ around it:
 - the in-flight gauge, the call's duration and the request counter, recorded before the
   answer is sent, so that a caller that has its answer also finds it counted;
 - status truth: the status the caller really gets, whether the call succeeded, failed with
-  a domain error (errors.py's tables), was cut, or was cancelled by its caller.
+  a domain error (errors.py's tables), was cut, or was cancelled by its caller;
+- the call's priority class (call_context.py), declared in the transport's way and made
+  current for the layers below, which schedule by it; the metrics carry it as a label.
 
 It returns the work's result, or a `Failure` that the binding answers in its own way (gRPC:
 abort with the code; HTTP: a JSON error body with the status). A binding keeps only what is
@@ -27,8 +29,9 @@ from typing import TypeVar
 
 import grpc
 
-from .. import metrics
+from .. import call_context, metrics
 from ..admission import CUT, Admission
+from ..call_context import PRIORITIES, Call
 from ..errors import ShuttingDown, http_status, status_of
 
 T = TypeVar("T")
@@ -50,31 +53,25 @@ class Failure:
         return cls(code, http_status(error), message)
 
 
-@dataclass(slots=True)
-class Call:
-    """One call as the per-call path sees it; `work` receives it."""
-
-    api: str  # native, tfserving, v2, tfserving_rest, v2_rest
-    method: str  # the RPC's name (an HTTP route counts as the RPC it stands for)
-    code: grpc.StatusCode = OK  # the status the caller got
-
-
 class MethodStats:
     """The metric series of one (api, method), bound once instead of on every call."""
 
-    __slots__ = ("_answered", "api", "method", "seconds")
+    __slots__ = ("_answered", "_seconds", "api", "method")
 
     def __init__(self, api: str, method: str) -> None:
         self.api = api
         self.method = method
-        self.seconds = metrics.REQUEST_SECONDS.labels(api, method)
-        self._answered = metrics.REQUESTS.labels(api, method, OK.name)  # the common case
+        self._seconds = {p: metrics.REQUEST_SECONDS.labels(api, method, p) for p in PRIORITIES}
+        # The common case, for each class: answered OK.
+        self._answered = {p: metrics.REQUESTS.labels(api, method, OK.name, p) for p in PRIORITIES}
 
-    def count(self, code: grpc.StatusCode) -> None:
+    def record(self, call: Call, seconds: float) -> None:
+        self._seconds[call.priority].observe(seconds)
+        code = call.code
         (
-            self._answered
+            self._answered[call.priority]
             if code is OK
-            else metrics.REQUESTS.labels(self.api, self.method, code.name)
+            else metrics.REQUESTS.labels(self.api, self.method, code.name, call.priority)
         ).inc()
 
 
@@ -90,16 +87,21 @@ class CallPath:
         stats: MethodStats,
         work: Callable[[Call], Awaitable[T]],
         cancelled: Callable[[], grpc.StatusCode],
+        priority: str | None = None,
     ) -> T | Failure:
         """Run `work` as one call of `stats`' method. `cancelled` tells the status a call
-        that its caller cancelled ended with (CANCELLED, or DEADLINE_EXCEEDED)."""
+        that its caller cancelled ended with (CANCELLED, or DEADLINE_EXCEEDED); `priority`
+        is the class the caller declared in its transport's way (metadata, header)."""
         started = time.perf_counter()
         call = Call(stats.api, stats.method)
+        token = call_context.enter(call)
         admission = self.admission
         task = None
         metrics.IN_FLIGHT.inc()
         try:
             task = admission.enter()  # ShuttingDown once the server stops admitting
+            if priority is not None:
+                call.priority = call_context.priority_named(priority)
             return await work(call)
         except asyncio.CancelledError:
             if not admission.was_cut(task):
@@ -117,5 +119,5 @@ class CallPath:
         finally:
             admission.leave(task)
             metrics.IN_FLIGHT.dec()
-            stats.seconds.observe(time.perf_counter() - started)
-            stats.count(call.code)
+            stats.record(call, time.perf_counter() - started)
+            call_context.leave(token)

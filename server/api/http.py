@@ -12,6 +12,7 @@ import grpc
 from aiohttp import web
 
 from .. import metrics
+from ..call_context import ONLINE
 from ..core import InferenceCore
 from ..listener import metrics_page
 from . import rest, tfserving_rest, v2_rest
@@ -31,7 +32,7 @@ async def json_router_errors(request: web.Request, handler: rest.Handler) -> web
         if error.status < 400:
             raise
         code = ROUTER_CODES.get(error.status, grpc.StatusCode.INVALID_ARGUMENT)
-        metrics.REQUESTS.labels("http", "unrouted", code.name).inc()
+        metrics.REQUESTS.labels("http", "unrouted", code.name, ONLINE).inc()
         message = f"{request.method} {request.path}: {error.reason}"
         if error.status == 404:
             message += "; the APIs are under /v1/models/ (TF Serving) and /v2/ (KServe v2)"

@@ -18,8 +18,9 @@ from typing import Any
 import grpc
 from aiohttp import web
 
+from ..call_context import PRIORITY_HEADER, Call
 from ..errors import InvalidInput, RequestTooLarge
-from .calls import Call, CallPath, Failure
+from .calls import CallPath, Failure
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 # A caller's time budget for one call, in milliseconds: TF Serving's REST API has no
@@ -45,7 +46,9 @@ class RestBinding:
             async def answer(call: Call) -> web.StreamResponse:
                 return await impl(request)
 
-            outcome = await path.observe(stats, answer, _cancelled)
+            outcome = await path.observe(
+                stats, answer, _cancelled, request.headers.get(PRIORITY_HEADER)
+            )
             if isinstance(outcome, Failure):
                 return error_response(outcome.http_status, outcome.message)
             return outcome

@@ -23,9 +23,10 @@ from google.protobuf.descriptor import ServiceDescriptor
 from google.protobuf.message import DecodeError, Message
 
 from .. import metrics
+from ..call_context import PRIORITY_METADATA, Call
 from ..errors import InvalidInput, NotImplementedHere
 from ..logs import RateLimitedLog
-from .calls import Call, CallPath, Failure
+from .calls import CallPath, Failure
 
 logger = logging.getLogger(__name__)
 
@@ -98,7 +99,9 @@ class RpcBinding:
                     raise InvalidInput(f"the request is not a valid {full_name} message") from None
                 return await impl(request, context)
 
-            outcome = await path.observe(stats, answer, lambda: cancelled_status(context))
+            outcome = await path.observe(
+                stats, answer, lambda: cancelled_status(context), declared_priority(context)
+            )
             if not isinstance(outcome, Failure):
                 return outcome
             message = outcome.message
@@ -117,6 +120,14 @@ class RpcBinding:
 
 def _serialize(response: Message) -> bytes:
     return response.SerializeToString()
+
+
+def declared_priority(context: Context) -> str | None:
+    """The priority class the caller declared in its metadata, if it did."""
+    for key, value in context.invocation_metadata() or ():
+        if key == PRIORITY_METADATA:
+            return value if isinstance(value, str) else repr(value)
+    return None
 
 
 def cancelled_status(context: Context) -> grpc.StatusCode:

@@ -16,6 +16,7 @@ import numpy as np
 
 from mnist_serving.contract import IMAGE_SIDE, INPUT_NAME, NUM_CLASSES, OUTPUTS
 
+from ..call_context import PRIORITY_PARAMETER, declare_priority, priority_numbered
 from ..core import Answer, InferenceCore
 from ..errors import InvalidInput, ModelNotFound
 from ..validation import decimal, pinned_version, values_bytes
@@ -179,6 +180,8 @@ async def infer(core: InferenceCore, request: InferRequest) -> InferResponse:
     """ModelInfer, whichever binding it came through."""
     core.versions(request.model_name)  # an unknown model is NOT_FOUND at once
     check_parameters(request.parameters)
+    if PRIORITY_PARAMETER in request.parameters:  # over the metadata's or header's
+        declare_priority(priority_numbered(request.parameters[PRIORITY_PARAMETER]))
     outputs = requested_outputs(request.outputs)
     tensor = request.input
     dtype = input_dtype(tensor.name, tensor.datatype)

@@ -1,0 +1,90 @@
+"""The call being handled, as every layer below the APIs sees it: its priority class (and,
+as they arrive, its caller, request ID and trace).
+
+The per-call path (api/calls.py) makes one `Call` per call and makes it current for the
+task that handles it; the core reads the priority from here, and a binding whose protocol
+carries a priority of its own (v2's `priority` parameter) sets it here. A leaf: imports
+nothing of the server but its errors.
+"""
+
+from __future__ import annotations
+
+from contextvars import ContextVar, Token
+from dataclasses import dataclass
+from typing import Literal, get_args
+
+import grpc
+
+from .errors import InvalidInput
+
+Priority = Literal["online", "batch"]
+PRIORITIES: tuple[Priority, ...] = get_args(Priority)
+ONLINE: Priority = "online"
+BATCH: Priority = "batch"
+# How a caller declares the class: gRPC metadata key (lower case, as gRPC requires) and
+# HTTP header; v2 also takes the request parameter, with Triton's integers.
+PRIORITY_METADATA = "mnist-priority"
+PRIORITY_HEADER = "Mnist-Priority"
+PRIORITY_PARAMETER = "priority"
+OK = grpc.StatusCode.OK
+
+
+@dataclass(slots=True)
+class Call:
+    """One call as the per-call path sees it."""
+
+    api: str  # native, tfserving, v2, tfserving_rest, v2_rest
+    method: str  # the RPC's name (an HTTP route counts as the RPC it stands for)
+    priority: Priority = ONLINE
+    code: grpc.StatusCode = OK  # the status the caller got
+
+
+_current: ContextVar[Call | None] = ContextVar("mnist_serving_call", default=None)
+_NO_CALL = Call("", "")  # what code outside any call (tests, benchmarks) sees: online
+
+
+def current_call() -> Call:
+    """The call the running task handles (an online call with no name outside any)."""
+    return _current.get() or _NO_CALL
+
+
+def enter(call: Call) -> Token[Call | None]:
+    """Make `call` the running task's current call until `leave(token)`."""
+    return _current.set(call)
+
+
+def leave(token: Token[Call | None]) -> None:
+    _current.reset(token)
+
+
+def declare_priority(priority: Priority) -> None:
+    """The current call's class, as its request declared it (v2's parameter)."""
+    call = _current.get()
+    if call is not None:
+        call.priority = priority
+
+
+def priority_named(value: str) -> Priority:
+    """The class a metadata value or header names; INVALID_ARGUMENT for anything else."""
+    name = value.strip().lower()
+    for priority in PRIORITIES:
+        if name == priority:
+            return priority
+    raise InvalidInput(
+        f"priority {value[:40]!r} is not a class; send {PRIORITY_METADATA} (gRPC metadata) or "
+        f"{PRIORITY_HEADER} (HTTP header) as one of {list(PRIORITIES)}"
+    )
+
+
+def priority_numbered(value: object) -> Priority:
+    """The class of v2's `priority` request parameter, Triton's convention: 0 (the default)
+    and 1 are online, 2 or more batch (a class's name is taken too)."""
+    if isinstance(value, str):
+        return priority_named(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise InvalidInput(
+            f"parameter {PRIORITY_PARAMETER} is {value!r}; give a whole number: 0 or 1 for "
+            "online, 2 or more for batch (or one of "
+            f"{list(PRIORITIES)} as {PRIORITY_METADATA} / {PRIORITY_HEADER})"
+        )
+    return BATCH if value >= 2 else ONLINE
