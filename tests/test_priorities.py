@@ -32,7 +32,7 @@ from mnist_serving.server.errors import DeadlineExpired, Overloaded
 from .support import ServerProcess, scrape
 from .test_batcher import RecordingModel, holding, tagged
 from .test_shutdown import Held, queued, started, until
-from .test_tfserving import predict_request, prediction_service_pb2_grpc
+from .test_tfserving import predict_request
 
 # --- the scheduler on its own ----------------------------------------------------------
 
@@ -296,8 +296,11 @@ def test_every_api_declares_the_class_its_own_way(served_tiny: ServerProcess) ->
         stub = predict_pb2_grpc.MnistServiceStub(channel)
         stub.Predict(native_request(1), metadata=BATCH_METADATA)
         stub.Predict(native_request(1), metadata=(("mnist-priority", "online"),))
-        tfserving = prediction_service_pb2_grpc.PredictionServiceStub(channel)
-        tfserving.Predict(predict_request(np.zeros((1, 28, 28), np.uint8)), metadata=BATCH_METADATA)
+        tfserving = channel.unary_unary(
+            "/tensorflow.serving.PredictionService/Predict",
+            request_serializer=lambda request: request.SerializeToString(),
+        )
+        tfserving(predict_request(np.zeros((1, 28, 28), np.uint8)), metadata=BATCH_METADATA)
     triton = triton_grpc.InferenceServerClient(served_tiny.target)
     images = triton_grpc.InferInput("images", [1, 784], "UINT8")
     images.set_data_from_numpy(np.zeros((1, 784), np.uint8))
