@@ -299,6 +299,7 @@ def test_every_api_declares_the_class_its_own_way(served_tiny: ServerProcess) ->
         tfserving = channel.unary_unary(
             "/tensorflow.serving.PredictionService/Predict",
             request_serializer=lambda request: request.SerializeToString(),
+            response_deserializer=None,
         )
         tfserving(predict_request(np.zeros((1, 28, 28), np.uint8)), metadata=BATCH_METADATA)
     triton = triton_grpc.InferenceServerClient(served_tiny.target)
