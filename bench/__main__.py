@@ -16,7 +16,6 @@ same payloads (784 B and 200 KB), start-up time and resident memory. `--rows B` 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import statistics
@@ -24,83 +23,28 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
+from mnist_serving.contract import existing_versions
 from mnist_serving.server.launcher import ServerProcess
 from mnist_serving.server.runtimes import RuntimeSetting
 
 from .echo import EchoProcess
-
-NAN = float("nan")
-
-
-@dataclass
-class Row:
-    name: str
-    what: str
-    ratio: float
-    # A number means ">= it"; a string such as "<=1.2" says itself; "" is a figure to read,
-    # with no target.
-    target: float | str
-    req_per_s: float
-    images_per_s: float
-    p50_ms: float
-    p99_ms: float
-    baseline: str
-    baseline_req_per_s: float
-    baseline_images_per_s: float
-    baseline_p50_ms: float
-
-    @property
-    def met(self) -> bool:
-        if self.target == "":
-            return True
-        if isinstance(self.target, str):
-            return self.ratio <= float(self.target.removeprefix("<="))
-        return self.ratio >= self.target
-
-
-def load(target: str, images: int, concurrency: int, seconds: float) -> dict[str, Any]:
-    """Run bench.load in its own process, so client and server don't share an interpreter."""
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "bench.load",
-            "--target",
-            target,
-            "--images",
-            str(images),
-            "--concurrency",
-            str(concurrency),
-            "--seconds",
-            str(seconds),
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=seconds + 120,
-    )
-    stats: dict[str, Any] = json.loads(result.stdout.strip().splitlines()[-1])
-    if stats["errors"]:
-        print(f"  note: {target} answered errors {stats['errors']}", file=sys.stderr)
-    return stats
+from .harness import NAN, Row, Stats, load, pixels, print_table, row, rss_mb, write_json
 
 
 def in_process_images_per_s(
     model_dir: Path, batch: int, seconds: float, runtime: RuntimeSetting = "tensorflow"
-) -> dict[str, Any]:
+) -> Stats:
     """The model's own speed at `batch`, called in this process as the server calls it:
     the SavedModel through TensorFlow, or (runtime "litert") its twin."""
     from mnist_serving.server.runtimes import load_model
 
-    version = max(int(p.name) for p in model_dir.iterdir() if p.name.isdigit())
+    version = _newest(model_dir)
     model = load_model(model_dir / str(version), "mnist", version, runtime)
-    images = np.random.default_rng(0).integers(0, 256, size=(batch, 28, 28), dtype=np.uint8)
+    images = pixels(batch)
     for _ in range(20):
         model.predict(images)
     calls: list[float] = []
@@ -117,32 +61,7 @@ def in_process_images_per_s(
     }
 
 
-def row(
-    name: str,
-    what: str,
-    stats: dict[str, Any],
-    baseline_name: str,
-    baseline: dict[str, Any],
-    ratio: float,
-    target: float | str,
-) -> Row:
-    return Row(
-        name=name,
-        what=what,
-        ratio=ratio,
-        target=target,
-        req_per_s=stats["req_per_s"],
-        images_per_s=stats["images_per_s"],
-        p50_ms=stats["p50_ms"],
-        p99_ms=stats["p99_ms"],
-        baseline=baseline_name,
-        baseline_req_per_s=baseline["req_per_s"],
-        baseline_images_per_s=baseline["images_per_s"],
-        baseline_p50_ms=baseline["p50_ms"],
-    )
-
-
-def scoring_images_per_s(target: str, runs: int = 5) -> dict[str, Any]:
+def scoring_images_per_s(target: str, runs: int = 5) -> Stats:
     """`mnist-client score` of the 10k MNIST test images, end to end; median of `runs`.
 
     The images are MNIST_PATH's test set when it is set, random digits-sized noise if not.
@@ -154,8 +73,7 @@ def scoring_images_per_s(target: str, runs: int = 5) -> dict[str, Any]:
             with np.load(data) as mnist:
                 np.savez(source, x_test=mnist["x_test"], y_test=mnist["y_test"])
         else:
-            noise = np.random.default_rng(0).integers(0, 256, (10_000, 28, 28), dtype=np.uint8)
-            np.savez(source, x_test=noise)
+            np.savez(source, x_test=pixels(10_000))
         rates = []
         for _ in range(runs):
             job = subprocess.run(
@@ -278,14 +196,7 @@ def started(model_dir: Path, *args: str) -> tuple[ServerProcess, float]:
     return server, time.perf_counter() - begun
 
 
-def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return NAN
-
-
-def figure(value: float, **stats: float) -> dict[str, Any]:
+def figure(value: float, **stats: float) -> Stats:
     return {"req_per_s": NAN, "images_per_s": NAN, "p50_ms": NAN, "p99_ms": NAN, **stats} | {
         "value": value
     }
@@ -303,12 +214,12 @@ def run_runtimes(model_dir: Path, seconds: float, server_args: list[str]) -> lis
     rows.append(
         row("L1a", "in process, batch 256: twin images/s / SavedModel images/s", twin,
             "in-process SavedModel, batch 256", saved_model,
-            twin["images_per_s"] / saved_model["images_per_s"], "")
+            twin["images_per_s"] / saved_model["images_per_s"], None)
     )  # fmt: skip
     rows.append(
         row("L1b", "in process, batch 1: twin p50 / SavedModel p50", twin_1,
             "in-process SavedModel, batch 1", saved_model_1,
-            twin_1["p50_ms"] / saved_model_1["p50_ms"], "")
+            twin_1["p50_ms"] / saved_model_1["p50_ms"], None)
     )  # fmt: skip
     echo = EchoProcess()
     lean, lean_start = started(model_dir, "--runtime", "auto", *server_args)
@@ -330,7 +241,7 @@ def run_runtimes(model_dir: Path, seconds: float, server_args: list[str]) -> lis
         rows.append(
             row("L2b", "batch-256 uint8, 4 clients, --runtime tensorflow: served images/s / "
                 "in-process SavedModel images/s", tf_256, "in-process SavedModel, batch 256",
-                saved_model, tf_256["images_per_s"] / saved_model["images_per_s"], "")
+                saved_model, tf_256["images_per_s"] / saved_model["images_per_s"], None)
         )  # fmt: skip
         print("L3 one request at a time, 784 B and 200 KB ...", file=sys.stderr)
         echo_1 = load(echo.target, 1, 1, seconds)
@@ -345,12 +256,12 @@ def run_runtimes(model_dir: Path, seconds: float, server_args: list[str]) -> lis
         )  # fmt: skip
         rows.append(
             row("L3b", "1 image, 1 client, --runtime tensorflow: served p50 / echo p50", tf_1,
-                "bare grpc.aio echo server, 784 B", echo_1, tf_1["p50_ms"] / echo_1["p50_ms"], "")
+                "bare grpc.aio echo server, 784 B", echo_1, tf_1["p50_ms"] / echo_1["p50_ms"], None)
         )  # fmt: skip
         rows.append(
             row("L3c", "256 images (200 KB), 1 client, --runtime auto: served p50 / echo p50",
                 auto_256_1, "bare grpc.aio echo server, 200 KB", echo_256,
-                auto_256_1["p50_ms"] / echo_256["p50_ms"], "")
+                auto_256_1["p50_ms"] / echo_256["p50_ms"], None)
         )  # fmt: skip
         print("L4 single images, 64 clients ...", file=sys.stderr)
         echo_64 = load(echo.target, 1, 64, seconds)
@@ -364,7 +275,7 @@ def run_runtimes(model_dir: Path, seconds: float, server_args: list[str]) -> lis
         rows.append(
             row("L4b", "1 image, 64 clients, --runtime tensorflow: served req/s / echo req/s",
                 tf_64, "bare grpc.aio echo server", echo_64,
-                tf_64["req_per_s"] / echo_64["req_per_s"], "")
+                tf_64["req_per_s"] / echo_64["req_per_s"], None)
         )  # fmt: skip
         # Start-up and memory: what the rows' p50 column holds is seconds / MB here.
         lean_rss, heavy_rss = rss_mb(lean.process.pid), rss_mb(heavy.process.pid)
@@ -393,27 +304,7 @@ def run_runtimes(model_dir: Path, seconds: float, server_args: list[str]) -> lis
 
 
 def _newest(model_dir: Path) -> int:
-    return max(int(p.name) for p in model_dir.iterdir() if p.name.isdigit())
-
-
-def print_table(rows: list[Row], settings: dict[str, Any]) -> None:
-    print("settings: " + " ".join(f"{k}={v}" for k, v in settings.items()))
-    header = (
-        f"{'row':4} {'ratio':>7} {'target':>7} {'met':>4} {'req/s':>9} {'images/s':>10} "
-        f"{'p50 ms':>7} {'p99 ms':>7}   baseline (req/s, images/s, p50 ms)"
-    )
-    print(header)
-    print("-" * len(header))
-    for r in rows:
-        target = (r.target or "-") if isinstance(r.target, str) else f">={r.target:g}"
-        print(
-            f"{r.name:4} {r.ratio:7.2f} {target:>7} {'yes' if r.met else 'no':>4} "
-            f"{r.req_per_s:9.0f} {r.images_per_s:10.0f} {r.p50_ms:7.2f} {r.p99_ms:7.2f}   "
-            f"{r.baseline}: {r.baseline_req_per_s:.0f}, {r.baseline_images_per_s:.0f}, "
-            f"{r.baseline_p50_ms:.2f}"
-        )
-    for r in rows:
-        print(f"  {r.name}: {r.what}")
+    return max(existing_versions(model_dir))
 
 
 def main() -> None:
@@ -436,9 +327,7 @@ def main() -> None:
         rows += run_runtimes(args.model_dir, args.seconds, args.server_arg)
     print_table(rows, settings)
     if args.json:
-        with args.json.open("w") as out:
-            for r in rows:
-                out.write(json.dumps({**asdict(r), "met": r.met, "settings": settings}) + "\n")
+        write_json(args.json, rows, settings)
 
 
 if __name__ == "__main__":

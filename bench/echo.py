@@ -15,10 +15,11 @@ from typing import Any
 
 import grpc
 
+from mnist_serving.contract import NUM_CLASSES
 from mnist_serving.protos.mnist.v1 import predict_pb2 as pb
 from mnist_serving.protos.mnist.v1 import predict_pb2_grpc
 
-MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+from .harness import MAX_MESSAGE_BYTES
 
 
 class EchoServicer(predict_pb2_grpc.MnistServiceServicer):  # type: ignore[misc]
@@ -29,7 +30,9 @@ class EchoServicer(predict_pb2_grpc.MnistServiceServicer):  # type: ignore[misc]
         return pb.PredictResponse(
             model_spec=pb.ModelSpec(name="echo", version=1),
             probabilities=pb.Tensor(
-                dtype=pb.DATA_TYPE_FLOAT32, shape=[count, 10], content=bytes(count * 40)
+                dtype=pb.DATA_TYPE_FLOAT32,
+                shape=[count, NUM_CLASSES],
+                content=bytes(count * NUM_CLASSES * 4),
             ),
             classes=pb.Tensor(dtype=pb.DATA_TYPE_INT64, shape=[count], content=bytes(count * 8)),
         )

@@ -11,6 +11,7 @@ from collections.abc import Callable
 
 import numpy as np
 
+from mnist_serving.contract import IMAGE_SIDE, NUM_CLASSES
 from mnist_serving.contract.tfquiet import import_tensorflow
 
 import_tensorflow()  # before tensorflow.core, so its start-up noise stays hidden
@@ -23,8 +24,8 @@ def best_microseconds(work: Callable[[], object], number: int = 500) -> float:
 
 def main() -> None:
     rng = np.random.default_rng(0)
-    probabilities = rng.random((256, 10), dtype=np.float32)
-    images = rng.integers(0, 256, size=(256, 784), dtype=np.uint8)
+    probabilities = rng.random((256, NUM_CLASSES), dtype=np.float32)
+    images = rng.integers(0, 256, size=(256, IMAGE_SIDE * IMAGE_SIDE), dtype=np.uint8)
     as_values = tensor_pb2.TensorProto(float_val=probabilities.ravel()).SerializeToString()
     as_bytes = tensor_pb2.TensorProto(tensor_content=probabilities.tobytes()).SerializeToString()
     rows = [

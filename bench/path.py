@@ -25,6 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, cast
 
+from mnist_serving.contract import IMAGE_SIDE
 from mnist_serving.protos.mnist.v1 import predict_pb2 as pb
 from mnist_serving.server.__main__ import parse_settings
 from mnist_serving.server.admission import Admission
@@ -35,11 +36,15 @@ from mnist_serving.server.core import InferenceCore
 from mnist_serving.server.launcher import ServerProcess
 from mnist_serving.server.versions import ModelRegistry
 
-from .__main__ import load
 from .echo import EchoProcess, EchoServicer
+from .harness import WARMUP, load
 
 REQUEST = pb.PredictRequest(
-    images=pb.Tensor(dtype=pb.DATA_TYPE_UINT8, shape=[1, 28, 28], content=bytes(784))
+    images=pb.Tensor(
+        dtype=pb.DATA_TYPE_UINT8,
+        shape=[1, IMAGE_SIDE, IMAGE_SIDE],
+        content=bytes(IMAGE_SIDE * IMAGE_SIDE),
+    )
 ).SerializeToString()
 
 
@@ -103,8 +108,8 @@ def under_load(target: str, pid: int, clients: int, seconds: float) -> tuple[flo
     before = cpu_seconds(pid)
     stats = load(target, 1, clients, seconds)
     spent = cpu_seconds(pid) - before
-    # bench.load warms up for 1 s before it counts: charge that CPU to the calls it made.
-    answered = stats["req_per_s"] * (stats["seconds"] + 1.0)
+    # The load generator warms up before it counts: charge that CPU to the calls it made.
+    answered = stats["req_per_s"] * (stats["seconds"] + WARMUP)
     return stats["req_per_s"], spent / answered * 1e6
 
 

@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from mnist_serving.client.scoring.shards import npz_to_parquet
+from mnist_serving.contract import IMAGE_SIDE
 from mnist_serving.server.launcher import ServerProcess
 
 PLAIN = re.compile(r"scored (\d+) images in ([\d.]+) s \((\d+) images/s")
@@ -47,7 +48,7 @@ def images_and_labels(count: int) -> tuple[np.ndarray, np.ndarray | None]:
             labels = np.concatenate([mnist["y_train"], mnist["y_test"]])[:count]
         return images, labels.astype(np.int64)
     rng = np.random.default_rng(0)
-    return rng.integers(0, 256, (count, 28, 28), dtype=np.uint8), None
+    return rng.integers(0, 256, (count, IMAGE_SIDE, IMAGE_SIDE), dtype=np.uint8), None
 
 
 def client(*args: object, timeout: float = 900) -> tuple[str, float]:

@@ -17,13 +17,15 @@ from pathlib import Path
 
 import grpc
 
+from mnist_serving.contract import IMAGE_SIDE
 from mnist_serving.protos.mnist.v1 import predict_pb2 as pb
 from mnist_serving.protos.mnist.v1 import predict_pb2_grpc
 from mnist_serving.server.launcher import ServerProcess
 
 CLIENTS = 32
+PIXELS = IMAGE_SIDE * IMAGE_SIDE
 REQUEST = pb.PredictRequest(
-    images=pb.Tensor(dtype=pb.DATA_TYPE_UINT8, shape=[8, 784], content=bytes(8 * 784))
+    images=pb.Tensor(dtype=pb.DATA_TYPE_UINT8, shape=[8, PIXELS], content=bytes(8 * PIXELS))
 )
 
 

@@ -1,10 +1,10 @@
 """What a TensorFlow Serving Predict costs next to a native Predict, same server, same images.
 
-    python bench/tfserving_vs_native.py --model-dir models/mnist [--rounds 200]
+    python -m bench.tfserving_vs_native --model-dir models/mnist [--rounds 200]
 
-Starts the real server in its own process (tests/support.py), then calls it one request at
-a time, native and TF Serving alternating within each round so that both see the same
-machine load:
+Starts the real server in its own process (mnist_serving.server.launcher), then calls it
+one request at a time, native and TF Serving alternating within each round so that both see
+the same machine load:
 - native: mnist.v1 Predict, numpy bytes in and out;
 - tfserving tensor_content: tf.make_tensor_proto / tf.make_ndarray, as TF Serving clients do;
 - tfserving int_val: the same tensor with its pixels in int_val instead of tensor_content.
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 import urllib.request
 from collections.abc import Callable
@@ -27,13 +26,11 @@ import grpc
 import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-from mnist_serving.contract.tfquiet import import_tensorflow  # noqa: E402
-from mnist_serving.protos.mnist.v1 import predict_pb2 as pb  # noqa: E402
-from mnist_serving.protos.mnist.v1 import predict_pb2_grpc  # noqa: E402
-from tests.support import ServerProcess  # noqa: E402
+from mnist_serving.contract import IMAGE_SIDE, INPUT_NAME
+from mnist_serving.contract.tfquiet import import_tensorflow
+from mnist_serving.protos.mnist.v1 import predict_pb2 as pb
+from mnist_serving.protos.mnist.v1 import predict_pb2_grpc
+from mnist_serving.server.launcher import ServerProcess
 
 tf = import_tensorflow()
 from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc  # noqa: E402
@@ -57,7 +54,9 @@ def server_seconds(metrics_url: str) -> dict[str, tuple[float, float]]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.tfserving_vs_native", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("--model-dir", type=Path, required=True)
     parser.add_argument("--rounds", type=int, default=200)
     args = parser.parse_args()
@@ -79,7 +78,7 @@ def main() -> None:
         def call_tfserving(images: np.ndarray, values: bool) -> np.ndarray:
             request = predict_pb2.PredictRequest()
             request.model_spec.name = "mnist"
-            tensor = request.inputs["images"]
+            tensor = request.inputs[INPUT_NAME]
             tensor.CopyFrom(tf.make_tensor_proto(images))
             if values:
                 tensor.ClearField("tensor_content")
@@ -98,7 +97,7 @@ def main() -> None:
             f"{'ratio':>6}   server: {'native ms':>9} {'tfserving ms':>12}"
         )
         for count in (1, 256):
-            images = rng.integers(0, 256, size=(count, 28, 28), dtype=np.uint8)
+            images = rng.integers(0, 256, size=(count, IMAGE_SIDE, IMAGE_SIDE), dtype=np.uint8)
             for form, call in forms.items():
                 # Warm-up, and a check that both answer the same.
                 np.testing.assert_allclose(call(images), call_native(images), atol=1e-6)

@@ -18,27 +18,16 @@ for many workers. A scaling curve on a big machine: `--workers 1,2,4,8,16 --serv
 from __future__ import annotations
 
 import argparse
-import asyncio
-import json
 import os
 import re
-import subprocess
 import sys
-import time
-from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
-import grpc
-import numpy as np
-
-from mnist_serving.protos.mnist.v1 import predict_pb2 as pb
-from mnist_serving.protos.mnist.v1 import predict_pb2_grpc
 from mnist_serving.server.launcher import ServerProcess
 
 from .echo import EchoProcess
+from .harness import Row, Stats, load, print_table, row, rss_mb, write_json
 
-MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 BATCH = 256
 BATCH_CLIENTS = 4
 
@@ -50,122 +39,6 @@ def cpu_list(text: str) -> set[int]:
         low, _, high = part.partition("-")
         cpus.update(range(int(low), int(high or low) + 1))
     return cpus
-
-
-# --- the load generator (one process; `python -m bench.workers load ...`) ---------------
-
-
-async def generate(
-    target: str, images: int, clients: int, connections: int, seconds: float, warmup: float
-) -> dict[str, Any]:
-    pixels = np.random.default_rng(0).integers(0, 256, size=(images, 28, 28), dtype=np.uint8)
-    request = pb.PredictRequest(
-        images=pb.Tensor(dtype=pb.DATA_TYPE_UINT8, shape=pixels.shape, content=pixels.tobytes())
-    )
-    options = [
-        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-        ("grpc.use_local_subchannel_pool", 1),  # a TCP connection per channel
-    ]
-    channels = [grpc.aio.insecure_channel(target, options=options) for _ in range(connections)]
-    stubs = [predict_pb2_grpc.MnistServiceStub(channel) for channel in channels]
-    latencies: list[float] = []
-    errors: dict[str, int] = {}
-    start = time.perf_counter()
-    measure_from = start + warmup
-    stop_at = measure_from + seconds
-
-    async def client(index: int) -> None:
-        predict = stubs[index % len(stubs)].Predict
-        while (now := time.perf_counter()) < stop_at:
-            try:
-                await predict(request, timeout=30)
-            except grpc.aio.AioRpcError as error:
-                errors[error.code().name] = errors.get(error.code().name, 0) + 1
-                continue
-            if now >= measure_from:
-                latencies.append(time.perf_counter() - now)
-
-    await asyncio.gather(*(client(i) for i in range(clients)))
-    elapsed = time.perf_counter() - measure_from
-    await asyncio.gather(*(channel.close(grace=None) for channel in channels))
-    done = np.array(latencies) if latencies else np.array([float("nan")])
-    return {
-        "requests": len(latencies),
-        "images": len(latencies) * images,
-        "seconds": elapsed,
-        "p50_ms": float(np.percentile(done, 50) * 1000),
-        "p99_ms": float(np.percentile(done, 99) * 1000),
-        "errors": errors,
-    }
-
-
-def load(
-    target: str,
-    images: int,
-    clients: int,
-    connections: int,
-    seconds: float,
-    processes: int,
-    cpus: set[int] | None,
-) -> dict[str, Any]:
-    """`processes` load generators at once, the clients and connections split among them."""
-    runs = []
-    for index in range(processes):
-        share = clients // processes + (index < clients % processes)
-        links = max(1, connections // processes + (index < connections % processes))
-        command = [
-            sys.executable, "-m", "bench.workers", "load", "--target", target,
-            "--images", str(images), "--clients", str(share), "--connections", str(links),
-            "--seconds", str(seconds),
-        ]  # fmt: skip
-        run = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
-        if cpus:
-            os.sched_setaffinity(run.pid, cpus)  # before its one-second warm-up ends
-        runs.append(run)
-    results = []
-    for run in runs:
-        out, _ = run.communicate(timeout=seconds + 120)
-        if run.returncode:
-            raise RuntimeError(f"the load generator failed ({run.returncode})")
-        results.append(json.loads(out.strip().splitlines()[-1]))
-    seconds_run = max(r["seconds"] for r in results)
-    errors: dict[str, int] = {}
-    for r in results:
-        for code, count in r["errors"].items():
-            errors[code] = errors.get(code, 0) + count
-    if errors:
-        print(f"  note: {target} answered errors {errors}", file=sys.stderr)
-    return {
-        "req_per_s": sum(r["requests"] for r in results) / seconds_run,
-        "images_per_s": sum(r["images"] for r in results) / seconds_run,
-        "p50_ms": max(r["p50_ms"] for r in results),  # the slowest generator's
-        "p99_ms": max(r["p99_ms"] for r in results),
-        "errors": errors,
-    }
-
-
-# --- the benchmark -----------------------------------------------------------------------
-
-
-@dataclass
-class Row:
-    name: str
-    workers: int
-    what: str
-    ratio: float
-    target: float | None
-    value: float
-    baseline: float
-
-    @property
-    def met(self) -> str:
-        return "" if self.target is None else ("yes" if self.ratio >= self.target else "no")
-
-
-def rss_mb(pid: int) -> float:
-    found = re.search(r"VmRSS:\s+(\d+) kB", Path(f"/proc/{pid}/status").read_text())
-    return int(found.group(1)) / 1024 if found else float("nan")
 
 
 def worker_pids(server: ServerProcess) -> list[int]:
@@ -181,15 +54,15 @@ def run(args: argparse.Namespace) -> tuple[list[Row], dict[int, list[float]]]:
     server_cpus = cpu_list(args.server_cpus) if args.server_cpus else None
     load_cpus = cpu_list(args.load_cpus) if args.load_cpus else None
 
-    def drive(target: str, images: int, clients: int) -> dict[str, Any]:
+    def drive(target: str, images: int, clients: int) -> Stats:
         return load(
             target,
             images,
             clients,
-            args.connections,
             args.seconds,
-            args.load_processes,
-            load_cpus,
+            connections=args.connections,
+            processes=args.load_processes,
+            cpus=load_cpus,
         )
 
     echo = EchoProcess()
@@ -200,8 +73,8 @@ def run(args: argparse.Namespace) -> tuple[list[Row], dict[int, list[float]]]:
         echo_single = drive(echo.target, 1, args.clients)
     finally:
         echo.stop()
-    single: dict[int, dict[str, Any]] = {}
-    batch: dict[int, dict[str, Any]] = {}
+    single: dict[int, Stats] = {}
+    batch: dict[int, Stats] = {}
     memory: dict[int, list[float]] = {}
     for count in args.workers:
         server = ServerProcess(args.model_dir, "--workers", str(count), "--poll-interval", "0")
@@ -223,59 +96,26 @@ def run(args: argparse.Namespace) -> tuple[list[Row], dict[int, list[float]]]:
     rows: list[Row] = []
     for count in args.workers:
         rows.append(
-            Row(
-                "W1",
-                count,
-                f"1 image, {args.clients} clients, {args.connections} connections: "
-                f"req/s / --workers {base} req/s",
-                single[count]["req_per_s"] / single[base]["req_per_s"],
-                None,
-                single[count]["req_per_s"],
-                single[base]["req_per_s"],
-            )
-        )
+            row("W1", f"1 image, {args.clients} clients, {args.connections} connections: "
+                f"req/s / --workers {base} req/s", single[count], f"--workers {base}",
+                single[base], single[count]["req_per_s"] / single[base]["req_per_s"], None,
+                workers=count)
+        )  # fmt: skip
         rows.append(
-            Row(
-                "W2",
-                count,
-                "the same load: req/s / bare grpc.aio echo server req/s",
+            row("W2", "the same load: req/s / bare grpc.aio echo server req/s", single[count],
+                "bare grpc.aio echo server", echo_single,
                 single[count]["req_per_s"] / echo_single["req_per_s"],
-                1.0 if count >= 2 else None,
-                single[count]["req_per_s"],
-                echo_single["req_per_s"],
-            )
-        )
+                1.0 if count >= 2 else None, workers=count)
+        )  # fmt: skip
         rows.append(
-            Row(
-                "W3",
-                count,
-                f"batch-{BATCH} uint8, {BATCH_CLIENTS} clients: images/s / --workers {base} "
-                "images/s",
-                batch[count]["images_per_s"] / batch[base]["images_per_s"],
-                None,
-                batch[count]["images_per_s"],
-                batch[base]["images_per_s"],
-            )
-        )
+            row("W3", f"batch-{BATCH} uint8, {BATCH_CLIENTS} clients: images/s / --workers "
+                f"{base} images/s", batch[count], f"--workers {base}", batch[base],
+                batch[count]["images_per_s"] / batch[base]["images_per_s"], None, workers=count)
+        )  # fmt: skip
     return rows, memory
 
 
-def print_table(rows: list[Row], memory: dict[int, list[float]], settings: dict[str, Any]) -> None:
-    print("settings: " + " ".join(f"{k}={v}" for k, v in settings.items()))
-    header = (
-        f"{'row':4} {'workers':>7} {'ratio':>7} {'target':>7} {'met':>4} "
-        f"{'value':>10} {'baseline':>10}"
-    )
-    print(header)
-    print("-" * len(header))
-    for r in rows:
-        target = "" if r.target is None else f">={r.target:g}"
-        print(
-            f"{r.name:4} {r.workers:7d} {r.ratio:7.2f} {target:>7} {r.met:>4} "
-            f"{r.value:10.0f} {r.baseline:10.0f}"
-        )
-    for name in dict.fromkeys(r.name for r in rows):
-        print(f"  {name}: {next(r.what for r in rows if r.name == name)}")
+def print_memory(memory: dict[int, list[float]]) -> None:
     for count, sizes in memory.items():
         each = ", ".join(f"{size:.0f}" for size in sizes[:count])
         rest = f"; supervisor {sizes[count]:.0f} MB" if count > 1 else ""
@@ -290,21 +130,6 @@ def _workers(text: str) -> list[int]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["load"]:
-        parser = argparse.ArgumentParser(prog="python -m bench.workers load")
-        parser.add_argument("--target", required=True)
-        parser.add_argument("--images", type=int, default=1)
-        parser.add_argument("--clients", type=int, default=64)
-        parser.add_argument("--connections", type=int, default=4)
-        parser.add_argument("--seconds", type=float, default=5.0)
-        parser.add_argument("--warmup", type=float, default=1.0)
-        a = parser.parse_args(argv[1:])
-        result = asyncio.run(
-            generate(a.target, a.images, a.clients, a.connections, a.seconds, a.warmup)
-        )
-        print(json.dumps(result))
-        return
     parser = argparse.ArgumentParser(prog="python -m bench.workers", description=__doc__)
     parser.add_argument("--model-dir", type=Path, required=True, help="e.g. models/mnist")
     parser.add_argument("--workers", type=_workers, default=[1, 2], help="default: 1,2")
@@ -326,11 +151,10 @@ def main(argv: list[str] | None = None) -> None:
         "usable_cpus": len(os.sched_getaffinity(0)),
     }
     rows, memory = run(args)
-    print_table(rows, memory, settings)
+    print_table(rows, settings)
+    print_memory(memory)
     if args.json:
-        with args.json.open("w") as out:
-            for r in rows:
-                out.write(json.dumps({**asdict(r), "met": r.met, "settings": settings}) + "\n")
+        write_json(args.json, rows, settings)
 
 
 if __name__ == "__main__":
