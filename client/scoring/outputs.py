@@ -11,22 +11,31 @@ from __future__ import annotations
 import csv
 import json
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 import numpy.typing as npt
 
-from ..codec import NUM_CLASSES
+from ..codec import NUM_CLASSES, Prediction
 from ..errors import InputFileError
 from ..inputs import Source
 
 if TYPE_CHECKING:
     import pyarrow as pa
 
-    from .pipeline import BatchResult
-
 OUTPUT_FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl"}
+
+
+@dataclass
+class BatchResult:
+    """Rows start..stop-1 of a source as scored: what the engines write, one batch at a time."""
+
+    start: int
+    stop: int
+    prediction: Prediction | None  # the rows not in `errors`, in order
+    errors: dict[int, str]  # row index -> why it has no prediction
 
 
 class RowFormat:
