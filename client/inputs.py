@@ -16,6 +16,8 @@ from typing import BinaryIO
 import numpy as np
 import numpy.typing as npt
 
+from mnist_serving.contract.idx import IdxError, read_idx
+
 from .codec import as_batch
 from .errors import InputFileError, MnistError
 from .images import IMAGE_SUFFIXES, ImageError, read_image
@@ -180,11 +182,9 @@ def _npy(path: Path) -> Source:
 
 
 def _read_idx(path: Path) -> npt.NDArray[np.generic]:
-    from mnist_serving.trainer.data import DataError, read_idx
-
     try:
         return read_idx(path)
-    except DataError as error:
+    except IdxError as error:
         raise InputFileError(str(error)) from None
 
 
