@@ -16,6 +16,7 @@ from typing import BinaryIO
 import numpy as np
 import numpy.typing as npt
 
+from mnist_serving.contract import IMAGE_SIDE
 from mnist_serving.contract.idx import IdxError, read_idx
 
 from .codec import as_batch
@@ -104,7 +105,7 @@ class ImageFilesSource(Source):
         super().__init__(description, len(self.files), keys=keys, labels=labels)
 
     def load(self, start: int, stop: int) -> tuple[Batch, dict[int, str]]:
-        images = np.empty((stop - start, 28, 28), np.uint8)
+        images = np.empty((stop - start, IMAGE_SIDE, IMAGE_SIDE), np.uint8)
         bad: dict[int, str] = {}
         for index in range(start, stop):
             try:

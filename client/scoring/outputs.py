@@ -18,7 +18,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 import numpy.typing as npt
 
-from ..codec import NUM_CLASSES, Prediction
+from mnist_serving.contract import NUM_CLASSES
+
+from ..codec import Prediction
 from ..errors import InputFileError
 from ..inputs import Source
 

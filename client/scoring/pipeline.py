@@ -26,9 +26,11 @@ import grpc
 import numpy as np
 import numpy.typing as npt
 
+from mnist_serving.contract import NUM_CLASSES
+
 from ..aio import AsyncMnistClient
 from ..client import DEFAULT_RETRY, DEFAULT_TIMEOUT, RetryPolicy
-from ..codec import NUM_CLASSES, Prediction
+from ..codec import Prediction
 from ..errors import InputFileError, MnistError
 from ..inputs import ArraySource, Source
 from .outputs import BatchResult, RowFormat

@@ -35,9 +35,11 @@ import grpc
 import numpy as np
 import numpy.typing as npt
 
+from mnist_serving.contract import NUM_CLASSES
+
 from ..aio import AsyncMnistClient
 from ..client import DEFAULT_RETRY, DEFAULT_TIMEOUT, RetryPolicy, tls_credentials
-from ..codec import NUM_CLASSES, Prediction
+from ..codec import Prediction
 from ..errors import InputFileError, NotFound, Unavailable
 from ..inputs import ArraySource
 from .outputs import prediction_table

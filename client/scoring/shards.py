@@ -20,7 +20,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import numpy.typing as npt
 
-from ..codec import as_batch
+from mnist_serving.contract import IMAGE_SIDE
+
+from ..codec import PIXELS, as_batch
 from ..errors import InputFileError, MnistError
 from ..images import IMAGE_SUFFIXES, ImageError, read_image
 from ..inputs import folder_labels, read_npz
@@ -31,7 +33,6 @@ if TYPE_CHECKING:
 
 ARRAY_SUFFIXES = (".parquet", ".npy", ".npz")
 DEFAULT_IMAGES_PER_SHARD = 10_000
-PIXELS = 28 * 28
 
 
 @dataclass(frozen=True)
@@ -302,7 +303,7 @@ def _images(shard: Shard, filesystem: pyarrow.fs.FileSystem, options: ReadOption
     if shard.files == (root,):  # a single image file: its key is its name
         root = posixpath.dirname(root)
     keys = [posixpath.relpath(f, root) if f.startswith(root) else f for f in shard.files]
-    images = np.empty((len(shard.files), 28, 28), np.uint8)
+    images = np.empty((len(shard.files), IMAGE_SIDE, IMAGE_SIDE), np.uint8)
     errors: dict[int, str] = {}
     for index, path in enumerate(shard.files):
         try:
