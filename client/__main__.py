@@ -20,6 +20,8 @@ from typing import Any
 import grpc
 import numpy as np
 
+from mnist_serving.contract import IMAGE_SIDE
+
 from .client import DEFAULT_TIMEOUT, SERVICE_NAME, MnistClient, tls_credentials
 from .codec import Prediction
 from .errors import InputFileError, MnistError
@@ -329,7 +331,7 @@ def _predict(args: argparse.Namespace) -> int:
         else:
             keys = [f"{path}[{i}]" for i in range(len(source))]
         names.extend(keys)
-        parts.append(images.reshape(len(images), 28, 28))
+        parts.append(images.reshape(len(images), IMAGE_SIDE, IMAGE_SIDE))
     if any(p.dtype != np.uint8 for p in parts):
         # One dtype per call: scaled float32 holds raw pixels exactly too.
         parts = [p.astype(np.float32) / 255 if p.dtype == np.uint8 else p for p in parts]

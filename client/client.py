@@ -24,7 +24,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from mnist_serving.protos.mnist.v1 import predict_pb2, predict_pb2_grpc
 
-from .codec import Prediction, as_batch, decode_prediction, encode_images
+from .codec import PIXELS, Prediction, as_batch, decode_prediction, encode_images
 from .errors import from_rpc_error
 from .metadata import ModelMetadata
 
@@ -81,7 +81,7 @@ def channel_options(
     # A float32 batch is 3136 bytes per image; gRPC's 4 MiB default receive limit stops at
     # ~1300 images. The retry buffer must hold a whole request or gRPC silently stops
     # retrying it.
-    largest = max(64 * _MIB, max_images_per_request * 28 * 28 * 4 + _MIB)
+    largest = max(64 * _MIB, max_images_per_request * PIXELS * 4 + _MIB)
     service_config = retry.service_config()
     if load_balancing:
         # e.g. "round_robin" over every address a dns:/// name resolves to.

@@ -7,11 +7,14 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
+from mnist_serving.contract import IMAGE_SIDE
+from mnist_serving.contract import NUM_CLASSES as NUM_CLASSES  # still importable from here
 from mnist_serving.protos.mnist.v1 import predict_pb2
 
 from .errors import InvalidInput, ProtocolError
 
-NUM_CLASSES = 10
+PIXELS = IMAGE_SIDE * IMAGE_SIDE
+_IMAGE = (IMAGE_SIDE, IMAGE_SIDE)
 
 _WIRE_DTYPES: dict[int, np.dtype[np.generic]] = {
     predict_pb2.DATA_TYPE_UINT8: np.dtype("u1"),
@@ -59,14 +62,14 @@ def as_batch(images: npt.ArrayLike) -> npt.NDArray[np.uint8] | npt.NDArray[np.fl
     to the server, which owns them.
     """
     array = np.asarray(images)
-    if array.shape in ((28, 28), (784,)):
+    if array.shape in (_IMAGE, (PIXELS,)):
         array = array[None]
-    elif array.ndim == 4 and array.shape[1:] == (28, 28, 1):
+    elif array.ndim == 4 and array.shape[1:] == (*_IMAGE, 1):
         array = array[..., 0]
-    if array.ndim < 2 or array.shape[1:] not in ((28, 28), (784,)):
+    if array.ndim < 2 or array.shape[1:] not in (_IMAGE, (PIXELS,)):
         raise InvalidInput(
-            f"images must have shape [N, 28, 28] or [N, 784] (or one [28, 28] image), "
-            f"got {list(array.shape)}"
+            f"images must have shape [N, {IMAGE_SIDE}, {IMAGE_SIDE}] or [N, {PIXELS}] (or one "
+            f"[{IMAGE_SIDE}, {IMAGE_SIDE}] image), got {list(array.shape)}"
         )
     if len(array) == 0:
         raise InvalidInput("no images to classify (N = 0)")

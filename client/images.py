@@ -15,10 +15,12 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
+from mnist_serving.contract import IMAGE_SIDE
+
 from .errors import InputFileError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
-SIDE = 28
+SIDE = IMAGE_SIDE
 BOX = 20
 # Pixels dimmer than this share of the brightest one are background (JPEG noise, paper
 # texture) when finding the digit's bounding box.

@@ -16,6 +16,9 @@ from typing import BinaryIO
 import numpy as np
 import numpy.typing as npt
 
+from mnist_serving.contract import IMAGE_SIDE
+from mnist_serving.contract.idx import IdxError, read_idx
+
 from .codec import as_batch
 from .errors import InputFileError, MnistError
 from .images import IMAGE_SUFFIXES, ImageError, read_image
@@ -102,7 +105,7 @@ class ImageFilesSource(Source):
         super().__init__(description, len(self.files), keys=keys, labels=labels)
 
     def load(self, start: int, stop: int) -> tuple[Batch, dict[int, str]]:
-        images = np.empty((stop - start, 28, 28), np.uint8)
+        images = np.empty((stop - start, IMAGE_SIDE, IMAGE_SIDE), np.uint8)
         bad: dict[int, str] = {}
         for index in range(start, stop):
             try:
@@ -180,11 +183,9 @@ def _npy(path: Path) -> Source:
 
 
 def _read_idx(path: Path) -> npt.NDArray[np.generic]:
-    from mnist_serving.trainer.data import DataError, read_idx
-
     try:
         return read_idx(path)
-    except DataError as error:
+    except IdxError as error:
         raise InputFileError(str(error)) from None
 
 

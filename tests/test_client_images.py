@@ -147,7 +147,7 @@ def test_sources(tmp_path: Path) -> None:
 
 
 def test_idx_sources(mnist_path: Path, tmp_path: Path) -> None:
-    """IDX files through trainer/data.py's reader: a folder (per split) or one images file."""
+    """IDX files through contract.idx's reader: a folder (per split) or one images file."""
     folder = mnist_path.parent
     if not (folder / "t10k-images-idx3-ubyte.gz").exists():
         pytest.skip("the IDX files are not next to MNIST_PATH")

@@ -14,13 +14,13 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
+from mnist_serving.contract.idx import read_idx
 from mnist_serving.trainer.data import (
     DataError,
     Dataset,
     load_idx_folder,
     load_npz,
     load_path,
-    read_idx,
     scale,
 )
 

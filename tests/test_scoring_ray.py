@@ -8,6 +8,7 @@ One Ray instance serves the whole module (2 CPUs); CLI runs in subprocesses join
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -17,11 +18,13 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 
 from mnist_serving.client.__main__ import main
+from mnist_serving.client.errors import InputFileError
 from mnist_serving.client.scoring import score
 from mnist_serving.client.scoring.ray import RayJobReport, RayJobSettings, run_ray_job
 from mnist_serving.client.scoring.shards import (
@@ -176,6 +179,26 @@ def test_shard_formats(tmp_path: Path) -> None:
     empty = read_shard(list_shards([str(tmp_path / "empty")])[0], ReadOptions())
     assert empty.keys == []
     assert empty.images.shape == (0, 784)
+
+
+def test_key_columns_of_any_integer_width_read_as_int64(tmp_path: Path) -> None:
+    image = pa.array([bytes(784)] * 3, pa.binary())
+    pq.write_table(pa.table({"key": pa.array([7, 8, 9], pa.uint16()), "image": image}),
+                   tmp_path / "narrow.parquet")  # fmt: skip
+    pq.write_table(pa.table({"key": pa.array([1, None, 3]), "image": image}),
+                   tmp_path / "holes.parquet")  # fmt: skip
+    pq.write_table(pa.table({"key": pa.array([2**64 - 1, 0, 1], pa.uint64()), "image": image}),
+                   tmp_path / "huge.parquet")  # fmt: skip
+    shards = {Path(s.uri).stem: s for s in list_shards([str(tmp_path)])}
+    narrow, holes, huge = shards["narrow"], shards["holes"], shards["huge"]
+    keys = read_shard(narrow, ReadOptions()).keys
+    assert isinstance(keys, np.ndarray)
+    assert keys.dtype == np.int64
+    assert keys.tolist() == [7, 8, 9]
+    with pytest.raises(InputFileError, match=r"holes\.parquet: column 'key' has 1 empty keys"):
+        read_shard(holes, ReadOptions())
+    with pytest.raises(InputFileError, match=r"huge\.parquet: column 'key' holds keys beyond"):
+        read_shard(huge, ReadOptions())
 
 
 def test_importing_the_engine_needs_neither_ray_nor_pyarrow() -> None:
@@ -410,6 +433,58 @@ def test_several_targets_share_the_calls_and_one_version_is_pinned(
         assert [by_key[f"{uri}#{i}"] for i in range(1000)] == classes[
             part * 1000 : (part + 1) * 1000
         ].tolist()
+
+
+def test_the_output_keys_keep_the_input_keys_type(
+    ray_address: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Integer keys stay int64 and strings stay strings, so the scores join back to the
+    input table without a cast; a shard without a key column gets the engine's own keys."""
+    rng = np.random.default_rng(3)
+    images = rng.integers(0, 256, (50, 28, 28), dtype=np.uint8)
+    ids = rng.permutation(10**12 + np.arange(40, dtype=np.int64) * 7919)  # beyond int32
+
+    def table(keys: Any, pixels: np.ndarray) -> Any:  # pyarrow Array -> Table
+        rows = [row.tobytes() for row in pixels.reshape(len(pixels), -1)]
+        return pa.table({"key": keys, "image": pa.array(rows, pa.binary())})
+
+    (tmp_path / "ints").mkdir()
+    (tmp_path / "words").mkdir()
+    pq.write_table(table(pa.array(ids[:20]), images[:20]), tmp_path / "ints" / "a.parquet")
+    pq.write_table(table(pa.array(ids[20:]), images[20:40]), tmp_path / "ints" / "b.parquet")
+    words = pa.array([f"digit-{i}" for i in range(10)], pa.string())
+    pq.write_table(table(words, images[40:]), tmp_path / "words" / "c.parquet")
+    np.save(tmp_path / "d.npy", images[40:])
+    classes = {int(k): int(c) for k, c in zip(ids, expected(images[:40])[1], strict=True)}
+
+    with running_fake_server() as fake:
+        settings = job(fake.target, actors=1)
+        run_ray_job(settings, [str(tmp_path / "ints")], str(tmp_path / "out-ints"))
+        run_ray_job(settings, [str(tmp_path / "words")], str(tmp_path / "out-words"))
+        with caplog.at_level(logging.WARNING, logger="mnist_serving.client.scoring.ray"):
+            mixed = run_ray_job(
+                settings,
+                [str(tmp_path / "ints"), str(tmp_path / "d.npy")],
+                str(tmp_path / "out-mixed"),
+            )
+
+    scores = pq.read_table(tmp_path / "out-ints")
+    assert scores.schema.field("key").type == pa.int64()
+    inputs = pq.read_table(tmp_path / "ints")
+    joined = scores.select(["key", "class"]).join(inputs, "key")  # no cast needed
+    assert joined.num_rows == 40
+    by_key = dict(
+        zip(joined.column("key").to_pylist(), joined.column("class").to_pylist(), strict=True)
+    )
+    assert by_key == classes
+    worded = pq.read_table(tmp_path / "out-words")
+    assert worded.schema.field("key").type == pa.string()
+    assert worded.column("key").to_pylist() == words.to_pylist()
+
+    assert mixed.key_types == {"int64": 2, "string": 1}
+    assert "key columns of different types (int64 in 2, string in 1)" in caplog.text
+    own = pq.read_table(tmp_path / "out-mixed" / "00002-d.parquet").column("key")
+    assert own.to_pylist() == [f"{tmp_path / 'd.npy'}#{i}" for i in range(10)]
 
 
 def test_the_actors_present_the_client_certificate_to_a_mutual_tls_server(

@@ -14,7 +14,6 @@ TensorFlow except `download_with_keras`, which imports it lazily.
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import logging
 import zipfile
@@ -25,10 +24,12 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
+from mnist_serving.contract import IMAGE_SIDE, NUM_CLASSES
+from mnist_serving.contract.idx import IdxError, read_idx
+
 logger = logging.getLogger(__name__)
 
-IMAGE_SHAPE = (28, 28)
-NUM_CLASSES = 10
+IMAGE_SHAPE = (IMAGE_SIDE, IMAGE_SIDE)
 NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
 IDX_FILES = {
     "x_train": "train-images-idx3-ubyte",
@@ -41,16 +42,6 @@ KERAS_SOURCE = "keras-download"
 KERAS_ORIGIN = "https://storage.googleapis.com/tensorflow/tf-keras-datasets/mnist.npz"
 KERAS_SHA256 = "731c5ac602752760c8e48fbffcf8c3b850d9dc2a2aedcf2cc48468fc17b673d1"
 
-# IDX type codes (http://yann.lecun.com/exdb/mnist/, "THE IDX FILE FORMAT"); big-endian.
-_IDX_DTYPES: dict[int, np.dtype[np.generic]] = {
-    0x08: np.dtype(np.uint8),
-    0x09: np.dtype(np.int8),
-    0x0B: np.dtype(">i2"),
-    0x0C: np.dtype(">i4"),
-    0x0D: np.dtype(">f4"),
-    0x0E: np.dtype(">f8"),
-}
-_GZIP_MAGIC = b"\x1f\x8b"
 _ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")  # an .npz is a zip archive (maybe empty)
 _NPY_MAGIC = b"\x93NUMPY"
 
@@ -92,57 +83,6 @@ def _digest_files(paths: list[Path]) -> str:
             while block := stream.read(1 << 20):
                 digest.update(block)
     return digest.hexdigest()
-
-
-def _read_bytes(path: Path) -> bytes:
-    """The file's content, gunzipped when it starts with the gzip magic number."""
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise DataError(f"{path}: no such file") from None
-    except OSError as err:
-        raise DataError(f"{path}: cannot read: {err.strerror or err}") from None
-    if not raw.startswith(_GZIP_MAGIC):
-        return raw
-    try:
-        return gzip.decompress(raw)
-    except (EOFError, OSError, zlib.error) as err:
-        raise DataError(f"{path}: corrupt or truncated gzip data ({err})") from None
-
-
-def read_idx(path: Path) -> npt.NDArray[np.generic]:
-    """Parse one IDX file (plain or gzip-compressed) into an array of its declared shape.
-
-    The header is: two zero bytes, a type code, the number of dimensions, then each
-    dimension as a big-endian uint32. The data that follows must fill the array exactly.
-    """
-    data = _read_bytes(path)
-    if len(data) < 4:
-        raise DataError(f"{path}: not an IDX file: {len(data)} bytes, shorter than the header")
-    if data[0] != 0 or data[1] != 0:
-        raise DataError(
-            f"{path}: not an IDX file: magic number starts with {data[:2].hex()}, expected 0000"
-        )
-    type_code, ndim = data[2], data[3]
-    if type_code not in _IDX_DTYPES:
-        raise DataError(f"{path}: unknown IDX type code 0x{type_code:02x}")
-    if ndim == 0:
-        raise DataError(f"{path}: IDX header declares 0 dimensions")
-    header_size = 4 + 4 * ndim
-    if len(data) < header_size:
-        raise DataError(f"{path}: truncated IDX header ({len(data)} of {header_size} bytes)")
-    shape = tuple(int(d) for d in np.frombuffer(data, dtype=">u4", count=ndim, offset=4))
-    dtype = _IDX_DTYPES[type_code]
-    expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    actual = len(data) - header_size
-    if actual != expected:
-        what = "truncated" if actual < expected else "has trailing bytes"
-        raise DataError(
-            f"{path}: {what}: header declares shape {shape} ({expected} data bytes), "
-            f"file holds {actual}"
-        )
-    array = np.frombuffer(data, dtype=dtype, offset=header_size).reshape(shape)
-    return array.astype(dtype.newbyteorder("="), copy=False)
 
 
 def _images(array: npt.NDArray[np.generic], name: str, origin: str) -> Images:
@@ -244,7 +184,10 @@ def find_idx_files(folder: Path) -> dict[str, Path]:
 def load_idx_folder(folder: Path) -> Dataset:
     """Read the four MNIST IDX files from one folder."""
     paths = find_idx_files(folder)
-    arrays = {key: read_idx(path) for key, path in paths.items()}
+    try:
+        arrays = {key: read_idx(path) for key, path in paths.items()}
+    except IdxError as err:
+        raise DataError(str(err)) from None
     x_train = _images(arrays["x_train"], "images", str(paths["x_train"]))
     y_train = _labels(arrays["y_train"], "labels", str(paths["y_train"]))
     x_test = _images(arrays["x_test"], "images", str(paths["x_test"]))

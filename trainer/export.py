@@ -97,17 +97,18 @@ def export_saved_model(
         classes = tf.argmax(probabilities, axis=-1, output_type=tf.int64)
         return {"probabilities": probabilities, "classes": classes}
 
+    batch = [None, IMAGE_SIDE, IMAGE_SIDE]
     archive = tf.keras.export.ExportArchive()
     archive.track(model)
     archive.add_endpoint(
         name=SIGNATURE_UINT8,
         fn=lambda images: head(tf.cast(images, tf.float32) / 255.0),
-        input_signature=[tf.TensorSpec([None, 28, 28], tf.uint8, name=INPUT_NAME)],
+        input_signature=[tf.TensorSpec(batch, tf.uint8, name=INPUT_NAME)],
     )
     archive.add_endpoint(
         name=SIGNATURE_FLOAT,
         fn=head,
-        input_signature=[tf.TensorSpec([None, 28, 28], tf.float32, name=INPUT_NAME)],
+        input_signature=[tf.TensorSpec(batch, tf.float32, name=INPUT_NAME)],
     )
     staging = Path(tempfile.mkdtemp(prefix=f".tmp-{version}-", dir=model_dir))
     try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from mnist_serving.contract import IMAGE_SIDE, INPUT_NAME, NUM_CLASSES
 from mnist_serving.contract.tfquiet import import_tensorflow
 
 ARCHITECTURES = ("mlp", "cnn")
@@ -18,11 +19,11 @@ def build_model(arch: str = "mlp") -> Any:
         body = [
             layers.Flatten(),
             layers.Dense(128, activation="relu"),
-            layers.Dense(10),
+            layers.Dense(NUM_CLASSES),
         ]
     elif arch == "cnn":
         body = [
-            layers.Reshape((28, 28, 1)),
+            layers.Reshape((IMAGE_SIDE, IMAGE_SIDE, 1)),
             layers.Conv2D(32, 3, activation="relu"),
             layers.MaxPooling2D(),
             layers.Conv2D(64, 3, activation="relu"),
@@ -30,11 +31,13 @@ def build_model(arch: str = "mlp") -> Any:
             layers.Flatten(),
             layers.Dropout(0.3),
             layers.Dense(128, activation="relu"),
-            layers.Dense(10),
+            layers.Dense(NUM_CLASSES),
         ]
     else:
         raise ValueError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHITECTURES)}")
-    model = keras.Sequential([keras.Input((28, 28), name="images"), *body], name=f"mnist_{arch}")
+    model = keras.Sequential(
+        [keras.Input((IMAGE_SIDE, IMAGE_SIDE), name=INPUT_NAME), *body], name=f"mnist_{arch}"
+    )
     model.compile(
         optimizer=keras.optimizers.Adam(),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),

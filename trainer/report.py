@@ -25,9 +25,10 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
 
+from mnist_serving.contract import NUM_CLASSES
+
 logger = logging.getLogger(__name__)
 
-NUM_CLASSES = 10
 METRICS_FILE = "metrics.json"
 HISTORY_FILE = "history.json"
 FIGURES = ("loss.png", "accuracy.png", "confusion_matrix.png", "samples.png")

@@ -6,11 +6,10 @@ Two engines share the output columns (`outputs`), resuming (`resume`) and the re
 the `ray` extra and is imported only when used.
 """
 
-from .outputs import OUTPUT_FORMATS, RowFormat
+from .outputs import OUTPUT_FORMATS, BatchResult, RowFormat
 from .pipeline import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_CONCURRENCY,
-    BatchResult,
     JobReport,
     JobSettings,
     Predictor,

@@ -11,22 +11,33 @@ from __future__ import annotations
 import csv
 import json
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 import numpy.typing as npt
 
-from ..codec import NUM_CLASSES
+from mnist_serving.contract import NUM_CLASSES
+
+from ..codec import Prediction
 from ..errors import InputFileError
 from ..inputs import Source
 
 if TYPE_CHECKING:
     import pyarrow as pa
 
-    from .pipeline import BatchResult
-
 OUTPUT_FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl"}
+
+
+@dataclass
+class BatchResult:
+    """Rows start..stop-1 of a source as scored: what the engines write, one batch at a time."""
+
+    start: int
+    stop: int
+    prediction: Prediction | None  # the rows not in `errors`, in order
+    errors: dict[int, str]  # row index -> why it has no prediction
 
 
 class RowFormat:
@@ -114,12 +125,12 @@ def _csv_field(text: str) -> str:
 # --- Parquet (the Ray engine) --------------------------------------------------------------
 
 
-def prediction_schema(with_labels: bool) -> pa.Schema:
+def prediction_schema(with_labels: bool, key_type: pa.DataType) -> pa.Schema:
     """The columns of a Parquet output shard; pyarrow is imported only here (the extra)."""
     import pyarrow as pa
 
     fields = [
-        pa.field("key", pa.string(), nullable=False),
+        pa.field("key", key_type, nullable=False),
         pa.field("class", pa.int64()),
         pa.field("probability", pa.float32()),
         pa.field("probabilities", pa.list_(pa.float32(), NUM_CLASSES)),
@@ -132,23 +143,26 @@ def prediction_schema(with_labels: bool) -> pa.Schema:
 
 
 def prediction_table(
-    keys: Sequence[str],
+    keys: Sequence[str] | npt.NDArray[np.int64],
     classes: npt.NDArray[np.int64],
     probabilities: npt.NDArray[np.float32],
     model_version: int,
     labels: npt.NDArray[np.int64] | None,
     errors: dict[int, str],
 ) -> pa.Table:
-    """One shard's rows: `classes` -1 and `probabilities` NaN where a row has an error."""
+    """One shard's rows: `classes` -1 and `probabilities` NaN where a row has an error.
+    Integer keys are written as int64, others as strings: the type the input had."""
     import pyarrow as pa
 
+    integers = isinstance(keys, np.ndarray) and np.issubdtype(keys.dtype, np.integer)
+    key_type = pa.int64() if integers else pa.string()
     count = len(keys)
     failed = np.zeros(count, bool)
     failed[list(errors)] = True
     confidence = np.take_along_axis(probabilities, np.maximum(classes, 0)[:, None], axis=1)[:, 0]
     flat = pa.array(probabilities.astype(np.float32, copy=False).reshape(-1))
     columns: list[pa.Array] = [
-        pa.array(keys, pa.string()),
+        pa.array(keys, key_type),
         pa.array(classes, pa.int64(), mask=failed),
         pa.array(confidence.astype(np.float32), pa.float32(), mask=failed),
         pa.FixedSizeListArray.from_arrays(flat, NUM_CLASSES, mask=pa.array(failed)),
@@ -157,4 +171,5 @@ def prediction_table(
     if labels is not None:
         columns.append(pa.array(labels, pa.int64()))
     columns.append(pa.array([errors.get(i) for i in range(count)], pa.string()))
-    return pa.Table.from_arrays(columns, schema=prediction_schema(labels is not None))
+    schema = prediction_schema(labels is not None, key_type)
+    return pa.Table.from_arrays(columns, schema=schema)

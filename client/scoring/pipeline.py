@@ -26,12 +26,14 @@ import grpc
 import numpy as np
 import numpy.typing as npt
 
+from mnist_serving.contract import NUM_CLASSES
+
 from ..aio import AsyncMnistClient
 from ..client import DEFAULT_RETRY, DEFAULT_TIMEOUT, RetryPolicy
-from ..codec import NUM_CLASSES, Prediction
+from ..codec import Prediction
 from ..errors import InputFileError, MnistError
 from ..inputs import ArraySource, Source
-from .outputs import RowFormat
+from .outputs import BatchResult, RowFormat
 from .resume import Existing, read_existing, replace_rows
 
 logger = logging.getLogger(__name__)
@@ -45,14 +47,6 @@ class Predictor(Protocol):
     round-robin over several servers."""
 
     async def predict(self, images: npt.ArrayLike, *, model_version: int = 0) -> Prediction: ...
-
-
-@dataclass
-class BatchResult:
-    start: int
-    stop: int
-    prediction: Prediction | None  # the rows not in `errors`, in order
-    errors: dict[int, str]  # row index -> why it has no prediction
 
 
 @dataclass

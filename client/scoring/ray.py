@@ -26,6 +26,7 @@ import logging
 import os
 import socket
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass, field
@@ -35,9 +36,11 @@ import grpc
 import numpy as np
 import numpy.typing as npt
 
+from mnist_serving.contract import NUM_CLASSES
+
 from ..aio import AsyncMnistClient
 from ..client import DEFAULT_RETRY, DEFAULT_TIMEOUT, RetryPolicy, tls_credentials
-from ..codec import NUM_CLASSES, Prediction
+from ..codec import Prediction
 from ..errors import InputFileError, NotFound, Unavailable
 from ..inputs import ArraySource
 from .outputs import prediction_table
@@ -94,6 +97,7 @@ class ShardOutcome:
     error: str  # why the shard has no output; "" when it has
     confusion: npt.NDArray[np.int64] | None  # when the shard has labels
     kept: bool = False  # written by an earlier run of the job
+    key_type: str = ""  # of its output's key column ("int64", "string"); "" when it has none
     # When its actor began and finished it (time.time(), on the actor's host).
     started: float = 0.0
     finished: float = 0.0
@@ -145,6 +149,11 @@ class RayJobReport:
         if not done:
             return 0.0
         return max(o.finished for o in done) - min(o.started for o in done)
+
+    @property
+    def key_types(self) -> dict[str, int]:
+        """Shards written (this run and earlier ones) by the type of their key column."""
+        return dict(Counter(o.key_type for o in self.outcomes if o.key_type))
 
     @property
     def confusion(self) -> npt.NDArray[np.int64] | None:
@@ -202,7 +211,17 @@ def run_ray_job(
         outcomes, actors = _run_on_ray(settings, worker, todo)
     elapsed = time.perf_counter() - started
     everything = sorted(kept + outcomes, key=lambda o: o.index)
-    return RayJobReport(everything, elapsed, version, actors, batch_size, shown)
+    report = RayJobReport(everything, elapsed, version, actors, batch_size, shown)
+    if len(report.key_types) > 1:
+        # Each shard keeps its input's key type; a reader of the whole folder needs one.
+        counts = ", ".join(f"{kind} in {n}" for kind, n in sorted(report.key_types.items()))
+        logger.warning(
+            "the output's shards have key columns of different types (%s), so %s cannot be "
+            "read as one table; score inputs with integer keys into a folder of their own",
+            counts,
+            shown,
+        )
+    return report
 
 
 def _run_on_ray(
@@ -358,8 +377,8 @@ def _kept(filesystem: pyarrow.fs.FileSystem, folder: str, shard: Shard) -> Shard
     import pyarrow.parquet as pq
 
     path = f"{folder}/{shard.output}"
-    metadata = pq.read_metadata(path, filesystem=filesystem).metadata or {}
-    counts = json.loads(metadata.get(METADATA_KEY, b"{}"))
+    footer = pq.read_metadata(path, filesystem=filesystem)
+    counts = json.loads((footer.metadata or {}).get(METADATA_KEY, b"{}"))
     confusion = counts.get("confusion")
     return ShardOutcome(
         shard.index,
@@ -369,6 +388,7 @@ def _kept(filesystem: pyarrow.fs.FileSystem, folder: str, shard: Shard) -> Shard
         "",
         None if confusion is None else np.array(confusion, np.int64),
         kept=True,
+        key_type=str(footer.schema.to_arrow_schema().field("key").type),
     )
 
 
@@ -381,6 +401,7 @@ def _outcome(row: dict[str, Any]) -> ShardOutcome:
         int(row["failed_rows"]),
         str(row["error"]),
         confusion if bool(row["has_labels"]) else None,
+        key_type=str(row["key_type"]),
         started=float(row["started"]),
         finished=float(row["finished"]),
     )
@@ -459,6 +480,7 @@ class ShardScorer:
             "failed_rows": np.array([o.failed_rows for o in outcomes], np.int64),
             "error": np.array([o.error for o in outcomes], object),
             "has_labels": np.array([o.confusion is not None for o in outcomes]),
+            "key_type": np.array([o.key_type for o in outcomes], object),
             "started": np.array([o.started for o in outcomes], np.float64),
             "finished": np.array([o.finished for o in outcomes], np.float64),
             "confusion": np.stack(
@@ -510,7 +532,10 @@ class ShardScorer:
         }
         table = table.replace_schema_metadata({METADATA_KEY: json.dumps(counts)})
         write_atomically(table, self.filesystem, path)
-        return ShardOutcome(shard.index, shard.output, count, len(data.errors), "", confusion)
+        key_type = str(table.schema.field("key").type)
+        return ShardOutcome(
+            shard.index, shard.output, count, len(data.errors), "", confusion, key_type=key_type
+        )
 
     async def _predict(
         self, shard: Shard, images: npt.NDArray[np.uint8] | npt.NDArray[np.float32]

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
-from ..codec import NUM_CLASSES
+from mnist_serving.contract import NUM_CLASSES
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import numpy.typing as npt
 
-from ..codec import as_batch
+from mnist_serving.contract import IMAGE_SIDE
+
+from ..codec import PIXELS, as_batch
 from ..errors import InputFileError, MnistError
 from ..images import IMAGE_SUFFIXES, ImageError, read_image
 from ..inputs import folder_labels, read_npz
@@ -31,7 +33,6 @@ if TYPE_CHECKING:
 
 ARRAY_SUFFIXES = (".parquet", ".npy", ".npz")
 DEFAULT_IMAGES_PER_SHARD = 10_000
-PIXELS = 28 * 28
 
 
 @dataclass(frozen=True)
@@ -76,9 +77,13 @@ class ReadOptions:
 @dataclass
 class ShardData:
     """A shard read whole: a key per row, the images of the rows that could be read (in
-    order), labels (or None), and why each other row could not be read."""
+    order), labels (or None), and why each other row could not be read.
 
-    keys: list[str]
+    Keys keep the type of a Parquet key column (integers as int64, anything else as text),
+    so that the scores join back to the input table as they are; without one they are the
+    engine's own strings (`<uri>#<row>`, or the image's path)."""
+
+    keys: list[str] | npt.NDArray[np.int64]
     images: npt.NDArray[np.uint8] | npt.NDArray[np.float32]
     labels: npt.NDArray[np.int64] | None
     errors: dict[int, str] = field(default_factory=dict)
@@ -218,9 +223,9 @@ def _parquet(uri: str, content: bytes, options: ReadOptions) -> ShardData:
         )
     images = _pixels(uri, options.image_column, table.column(options.image_column))
     count = table.num_rows
-    keys = _row_keys(uri, count)
+    keys: list[str] | npt.NDArray[np.int64] = _row_keys(uri, count)
     if options.key_column in names:
-        keys = [str(k) for k in table.column(options.key_column).to_pylist()]
+        keys = _keys(uri, options.key_column, table.column(options.key_column))
     labels = None
     if options.label_column in names:
         column = table.column(options.label_column)
@@ -228,6 +233,22 @@ def _parquet(uri: str, content: bytes, options: ReadOptions) -> ShardData:
             raise InputFileError(f"{uri}: column {options.label_column!r} has empty labels")
         labels = _labels(uri, column.to_numpy(), count)
     return ShardData(keys, images, labels)
+
+
+def _keys(uri: str, name: str, column: pa.ChunkedArray) -> list[str] | npt.NDArray[np.int64]:
+    """A Parquet key column: integers (of any width) as int64, anything else as text."""
+    import pyarrow as pa
+
+    if column.null_count:
+        raise InputFileError(f"{uri}: column {name!r} has {column.null_count} empty keys")
+    if pa.types.is_dictionary(column.type):  # e.g. written from a pandas Categorical
+        column = column.cast(column.type.value_type)
+    if pa.types.is_integer(column.type):
+        try:
+            return column.cast(pa.int64()).to_numpy()  # type: ignore[no-any-return]
+        except pa.ArrowInvalid:
+            raise InputFileError(f"{uri}: column {name!r} holds keys beyond int64") from None
+    return [str(key) for key in column.to_pylist()]
 
 
 def _pixels(
@@ -302,7 +323,7 @@ def _images(shard: Shard, filesystem: pyarrow.fs.FileSystem, options: ReadOption
     if shard.files == (root,):  # a single image file: its key is its name
         root = posixpath.dirname(root)
     keys = [posixpath.relpath(f, root) if f.startswith(root) else f for f in shard.files]
-    images = np.empty((len(shard.files), 28, 28), np.uint8)
+    images = np.empty((len(shard.files), IMAGE_SIDE, IMAGE_SIDE), np.uint8)
     errors: dict[int, str] = {}
     for index, path in enumerate(shard.files):
         try:
