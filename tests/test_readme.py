@@ -97,6 +97,14 @@ def test_every_not_run_mark_gives_a_reason_and_sits_on_a_fence() -> None:
     assert len(marks) == sum(skipped for _, skipped in all_blocks())
 
 
+def test_the_readme_links_reach_files_of_the_checkout() -> None:
+    """mkdocs checks the links between pages; the README lies outside the site."""
+    targets = re.findall(r"\]\(([^)#:]+)(?:#[^)]*)?\)", README.read_text(encoding="utf-8"))
+    assert targets
+    for target in targets:
+        assert (REPO / target).is_file(), f"README.md links to {target}, which does not exist"
+
+
 @pytest.mark.parametrize("block", runnable_blocks(), ids=lambda block: block.name)
 def test_documented_example_runs(
     served_tiny: ServerProcess, tmp_path: Path, request: pytest.FixtureRequest, block: Block
