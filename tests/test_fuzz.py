@@ -9,7 +9,7 @@ OK or a client error with a message; the server must keep answering a valid call
 as before; and mnist_requests_total must count what the caller got.
 
 Bounded for CI; MNIST_FUZZ_EXAMPLES=5000 (examples per method) runs a longer, random
-search (README, "Two commands").
+search (docs/development/tests.md, "Fuzzing").
 """
 
 from __future__ import annotations

@@ -522,11 +522,10 @@ def test_health_and_reflection_cover_the_tf_serving_services(channel: grpc.Chann
     assert symbol.file_descriptor_response.file_descriptor_proto  # grpcurl can describe it
 
 
-def test_the_readme_client_snippet_runs_unchanged(served_tiny: ServerProcess) -> None:
-    readme = (REPO / "README.md").read_text()
-    section = readme.split("## Migrating from TensorFlow Serving", 1)[1]
-    match = re.search(r"```python\n(.*?)```", section, re.DOTALL)
-    assert match, "the migration section has no python snippet"
+def test_the_migration_page_client_snippet_runs_unchanged(served_tiny: ServerProcess) -> None:
+    page = (REPO / "docs" / "apis" / "tfserving-migration.md").read_text()
+    match = re.search(r"```python\n(.*?)```", page, re.DOTALL)
+    assert match, "the migration page has no python snippet"
     code = match.group(1)
     assert "localhost:8500" in code
     scope: dict[str, Any] = {}
