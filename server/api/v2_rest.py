@@ -91,6 +91,8 @@ class V2Rest:
     async def infer(self, request: web.Request) -> web.Response:
         self.core.versions(request.match_info["name"])  # an unknown model is 404 at once
         body, binary = split_body(request, await rest.read_body(request))
+        if "id" in body and not isinstance(body["id"], str):  # it is echoed in the answer
+            raise InvalidInput(f'"id" must be a string, got {type(body["id"]).__name__}')
         parameters = mapping(body.get("parameters", {}), "parameters")
         codec.check_parameters(parameters)
         binary_by_default = parameters.get("binary_data_output") is True
