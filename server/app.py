@@ -90,7 +90,7 @@ class ModelServer:
         self._grpc = grpc.aio.server(options=grpc_options(settings, shared_port=worker is not None))
         self._health_grpc: grpc.aio.Server | None = None
         self._http = http.HttpListener(
-            http.application(self.core, MAX_MESSAGE_BYTES),
+            http.application(self.core, MAX_MESSAGE_BYTES, settings),
             settings.grace_period,
             reuse_port=worker is not None,
             ssl_context=(

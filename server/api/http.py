@@ -13,10 +13,12 @@ import ssl
 
 import grpc
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 
 from .. import metrics
 from ..core import InferenceCore
-from . import rest, tfserving_rest, v2_rest
+from ..settings import Settings
+from . import cors, openapi, rest, tfserving_rest, ui, v2_rest
 
 logger = logging.getLogger(__name__)
 
@@ -48,16 +50,25 @@ async def json_router_errors(request: web.Request, handler: rest.Handler) -> web
         return response
 
 
-def application(core: InferenceCore, max_body_bytes: int) -> web.Application:
-    app = web.Application(client_max_size=max_body_bytes, middlewares=[json_router_errors])
+def application(
+    core: InferenceCore, max_body_bytes: int, settings: Settings | None = None
+) -> web.Application:
+    """The HTTP port's app; `settings` adds the pages (--ui) and CORS (--cors-origins)."""
+    middlewares: list[Middleware] = [json_router_errors]
+    if settings is not None and settings.cors_origins:
+        middlewares.insert(0, cors.middleware(settings.cors_origins))  # errors get CORS too
+    app = web.Application(client_max_size=max_body_bytes, middlewares=middlewares)
     app[rest.MAX_BODY_BYTES] = max_body_bytes
     app.add_routes(
         [
             *tfserving_rest.routes(core),
             *v2_rest.routes(core),
             web.get("/metrics", metrics_page),
+            *openapi.routes(),
         ]
     )
+    if settings is not None and settings.ui:
+        app.add_routes(ui.routes(settings.model_name, settings.ui_samples))
     return app
 
 
