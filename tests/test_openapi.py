@@ -26,7 +26,7 @@ from .support import ServerProcess
 
 REPO = Path(__file__).resolve().parent.parent
 CHECKED_IN = REPO / "docs" / "openapi.json"
-REGENERATE = "python -m mnist_serving.server.api.openapi > docs/openapi.json"
+REGENERATE = "make openapi (python -m mnist_serving.server.api.openapi > docs/openapi.json)"
 CHECKS = (
     "not_a_server_error",
     "status_code_conformance",

@@ -592,7 +592,19 @@ def v2_paths() -> dict[str, Any]:
         "and the input's parameters.binary_data_size the bytes' count. The server reads "
         "the body by that header, whatever its Content-Type.",
         "content": {
-            **json_content(ref("InferRequest"), {"inputs": [example_input]}),
+            rest.JSON: {
+                "schema": ref("InferRequest"),
+                "examples": {
+                    "json": {"summary": "JSON in, JSON out", "value": {"inputs": [example_input]}},
+                    "binaryOutputs": {
+                        "summary": "JSON in, the outputs as binary data after a JSON header",
+                        "value": {
+                            "inputs": [example_input],
+                            "parameters": {"binary_data_output": True},
+                        },
+                    },
+                },
+            },
             BINARY: {
                 "schema": {
                     "type": "string",

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -96,6 +97,8 @@ def swagger_routes() -> list[web.RouteDef]:
 def load_samples(path: Path) -> list[dict[str, Any]]:
     """A few test images of an .npz for the page: the first three of each digit when it
     has labels (x_test and y_test, Keras' layout), else its first thirty images."""
+    if not zipfile.is_zipfile(path):
+        raise StartupError(f"--ui-samples {path} is not an .npz archive")
     try:
         with np.load(path) as archive:
             if "x_test" in archive:
