@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed-dev
 MODEL_DIR ?= models/mnist
 export MNIST_PATH ?= $(abspath ../shared/data/mnist.npz)
 
-.PHONY: demo test lint typecheck docs pytest proto venv clean
+.PHONY: demo test lint typecheck docs pytest proto openapi venv clean
 
 venv: $(STAMP)
 
@@ -48,6 +48,10 @@ docs: $(STAMP)
 
 proto: $(STAMP)
 	$(BIN)/python protos/generate.py
+
+# docs/openapi.json: the HTTP port's OpenAPI document, as the server serves it.
+openapi: $(STAMP)
+	$(BIN)/python -m mnist_serving.server.api.openapi > docs/openapi.json
 
 clean:
 	rm -rf $(VENV) .typecheck .mypy_cache .ruff_cache .pytest_cache site

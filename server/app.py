@@ -138,7 +138,7 @@ class ModelServer:
         self._tls = tls_files(settings)
         self._health_grpc: grpc.aio.Server | None = None
         self._http = HttpListener(
-            http.application(self.core, self.calls, MAX_MESSAGE_BYTES),
+            http.application(self.core, self.calls, MAX_MESSAGE_BYTES, settings),
             settings.grace_period,
             reuse_port=shared_port,
             ssl_context=None if self._tls is None else tls.ssl_context(*self._tls),

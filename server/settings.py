@@ -6,6 +6,7 @@ time. A bad value stops start-up with a message naming the setting (exit code 2)
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Literal
 
@@ -163,6 +164,21 @@ class Settings(BaseSettings):
     verbose_tensorflow: bool = Field(
         False, description="let TensorFlow and LiteRT print their start-up logs (CUDA, XNNPACK)"
     )
+    ui: bool = Field(
+        True,
+        description="serve the page for people at / (draw a digit, see the ten "
+        "probabilities) and the API's docs at /docs; /openapi.json is always served",
+    )
+    ui_samples: FilePath | None = Field(
+        None,
+        description="an .npz in Keras' MNIST layout (x_test, y_test), such as the MNIST "
+        "file: the page at / offers a few of its test images (none by default)",
+    )
+    cors_origins: list[str] = Field(
+        default_factory=list,
+        description="origins whose browser pages may call the HTTP port (CORS), e.g. "
+        "https://a.example,http://localhost:3000, or * for any (off by default)",
+    )
 
     @field_validator("workers", mode="before")
     @classmethod
@@ -170,6 +186,16 @@ class Settings(BaseSettings):
         if isinstance(value, str) and value.strip().lower() == "auto":
             return usable_cpus()
         return value
+
+    @field_validator("cors_origins")
+    @classmethod
+    def _origins(cls, origins: list[str]) -> list[str]:
+        for origin in origins:
+            if origin != "*" and not re.fullmatch(r"https?://[^/\s]+", origin):
+                raise ValueError(
+                    f"CORS origin {origin!r} is not scheme://host[:port] (no path) nor *"
+                )
+        return origins
 
     @model_validator(mode="after")
     def _check(self) -> Settings:

@@ -10,12 +10,14 @@ import logging
 
 import grpc
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 
 from .. import metrics
 from ..call_context import ONLINE
 from ..core import InferenceCore
 from ..listener import metrics_page
-from . import rest, tfserving_rest, v2_rest
+from ..settings import Settings
+from . import cors, openapi, rest, tfserving_rest, ui, v2_rest
 from .calls import CallPath
 
 logger = logging.getLogger(__name__)
@@ -42,16 +44,25 @@ async def json_router_errors(request: web.Request, handler: rest.Handler) -> web
         return response
 
 
-def application(core: InferenceCore, path: CallPath, max_body_bytes: int) -> web.Application:
-    """The HTTP port's app: both REST APIs through the server's call path, and /metrics."""
+def application(
+    core: InferenceCore, path: CallPath, max_body_bytes: int, settings: Settings | None = None
+) -> web.Application:
+    """The HTTP port's app: both REST APIs through the server's call path, and /metrics;
+    `settings` adds the pages (--ui) and CORS (--cors-origins)."""
     binding = rest.RestBinding(path)
-    app = web.Application(client_max_size=max_body_bytes, middlewares=[json_router_errors])
+    middlewares: list[Middleware] = [json_router_errors]
+    if settings is not None and settings.cors_origins:
+        middlewares.insert(0, cors.middleware(settings.cors_origins))  # errors get CORS too
+    app = web.Application(client_max_size=max_body_bytes, middlewares=middlewares)
     app[rest.MAX_BODY_BYTES] = max_body_bytes
     app.add_routes(
         [
             *tfserving_rest.routes(core, binding),
             *v2_rest.routes(core, binding),
             web.get("/metrics", metrics_page),
+            *openapi.routes(),
         ]
     )
+    if settings is not None and settings.ui:
+        app.add_routes(ui.routes(settings.model_name, settings.ui_samples))
     return app

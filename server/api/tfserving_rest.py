@@ -32,9 +32,11 @@ PATH = re.compile(
 
 def routes(core: InferenceCore, binding: rest.RestBinding) -> list[web.RouteDef]:
     api = TfServingRest(core, binding)
+    # A path ending in :verb takes POST, any other GET: the router answers the other
+    # method 405 (with Allow), as it does everywhere else.
     return [
-        web.post("/v1/models/{path:.+}", binding.counted(API, "Predict", api.post)),
-        web.get("/v1/models/{path:.+}", api.get),
+        web.post("/v1/models/{path:[^:]+:[^:/]+}", binding.counted(API, "Predict", api.post)),
+        web.get("/v1/models/{path:[^:]+}", api.get),
     ]
 
 

@@ -91,6 +91,8 @@ class V2Rest:
         name = request.match_info["name"]
         self.core.versions(name)  # an unknown model is 404 before the body is read
         body, binary = split_body(request, await rest.read_body(request))
+        if "id" in body and not isinstance(body["id"], str):  # it is echoed in the answer
+            raise InvalidInput(f'"id" must be a string, got {type(body["id"]).__name__}')
         parameters = mapping(body.get("parameters", {}), "parameters")
         binary_by_default = parameters.get("binary_data_output") is True
         wanted = [mapping(o, "each output") for o in list_of(body.get("outputs", []), "outputs")]
