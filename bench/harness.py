@@ -54,7 +54,13 @@ def pixels(images: int) -> np.ndarray:
     return np.random.default_rng(0).integers(0, 256, size=shape, dtype=np.uint8)
 
 
-def grpc_call(protocol: str, channel: grpc.aio.Channel, images: np.ndarray, decode: bool) -> Call:
+def grpc_call(
+    protocol: str,
+    channel: grpc.aio.Channel,
+    images: np.ndarray,
+    decode: bool,
+    priority: str | None = None,
+) -> Call:
     if protocol == "native":
         from mnist_serving.protos.mnist.v1 import predict_pb2 as pb
         from mnist_serving.protos.mnist.v1 import predict_pb2_grpc
@@ -63,9 +69,10 @@ def grpc_call(protocol: str, channel: grpc.aio.Channel, images: np.ndarray, deco
             images=pb.Tensor(dtype=pb.DATA_TYPE_UINT8, shape=images.shape, content=images.tobytes())
         )
         predict = predict_pb2_grpc.MnistServiceStub(channel).Predict
+        metadata = (("mnist-priority", priority),) if priority else None
 
         async def native() -> None:
-            answer = await predict(request, timeout=30)
+            answer = await predict(request, timeout=30, metadata=metadata)
             if decode:
                 np.frombuffer(answer.probabilities.content, "<f4").reshape(-1, NUM_CLASSES)
                 np.frombuffer(answer.classes.content, "<i8")
@@ -171,12 +178,16 @@ async def generate(
     seconds: float,
     warmup: float = WARMUP,
     decode: bool = False,
+    priority: str | None = None,
 ) -> Stats:
-    """The closed loop, in this process: what one load generator process measured."""
+    """The closed loop, in this process: what one load generator process measured
+    (`priority`: the class native calls declare; the server's default when None)."""
     batch = pixels(images)
     links = [connect(protocol, target) for _ in range(connections)]
-    make = grpc_call if protocol in GRPC_PROTOCOLS else http_call
-    calls = [make(protocol, link, batch, decode) for link in links]
+    if protocol in GRPC_PROTOCOLS:
+        calls = [grpc_call(protocol, link, batch, decode, priority) for link in links]
+    else:
+        calls = [http_call(protocol, link, batch, decode) for link in links]
     latencies: list[float] = []
     errors: dict[str, int] = {}
     start = time.perf_counter()
@@ -227,6 +238,7 @@ def load(
     processes: int = 1,
     cpus: set[int] | None = None,
     decode: bool = False,
+    priority: str | None = None,
 ) -> Stats:
     """Closed-loop load on `target` from `processes` load generators at once, each in its
     own process, the clients and connections split among them: the figures of them all
@@ -239,6 +251,7 @@ def load(
             sys.executable, "-m", "bench.harness", "--protocol", protocol, "--target", target,
             "--images", str(images), "--clients", str(share), "--connections", str(links),
             "--seconds", str(seconds), *(["--decode"] if decode else []),
+            *(["--priority", priority] if priority else []),
         ]  # fmt: skip
         run = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
         if cpus:
@@ -388,10 +401,11 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=5.0, help="measured time")
     parser.add_argument("--warmup", type=float, default=WARMUP, help="time before measuring")
     parser.add_argument("--decode", action="store_true", help="decode every answer into numpy")
+    parser.add_argument("--priority", choices=("online", "batch"), help="native calls' class")
     a = parser.parse_args()
     stats = asyncio.run(
         generate(a.protocol, a.target, a.images, a.clients, a.connections, a.seconds, a.warmup,
-                 a.decode)
+                 a.decode, a.priority)
     )  # fmt: skip
     print(json.dumps(stats))
 
