@@ -11,8 +11,11 @@ from the same run; the rows are ratios.
 from __future__ import annotations
 
 import argparse
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+from prometheus_client.parser import text_string_to_metric_families
 
 from mnist_serving.server.launcher import ServerProcess
 
@@ -39,6 +42,43 @@ def together(target: str, seconds: float, priority: str | None) -> tuple[Stats, 
         return online_run.result(), batch_run.result()
 
 
+Sums = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+def sums(server: ServerProcess) -> Sums:
+    """The server's histogram sums and counts, by series."""
+    with urllib.request.urlopen(server.metrics_url, timeout=10) as answer:
+        text = answer.read().decode()
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name.endswith(("_sum", "_count"))
+    }
+
+
+def where_online_waits(before: Sums, after: Sums) -> dict[str, float]:
+    """Mean milliseconds of an online call between two scrapes, as the server saw it: its
+    whole time in the server, its wait in the model queue, and one model call."""
+
+    def mean(name: str, **labels: str) -> float:
+        def total(samples: Sums, suffix: str) -> float:
+            return sum(
+                value
+                for (series, found), value in samples.items()
+                if series == name + suffix and labels.items() <= dict(found).items()
+            )
+
+        count = total(after, "_count") - total(before, "_count")
+        return (total(after, "_sum") - total(before, "_sum")) / count * 1000 if count else 0.0
+
+    return {
+        "server_ms": mean("mnist_request_duration_seconds", method="Predict", priority="online"),
+        "queue_wait_ms": mean("mnist_batch_queue_wait_seconds", priority="online"),
+        "model_call_ms": mean("mnist_model_inference_seconds"),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.mixed", description=__doc__)
     parser.add_argument("--model-dir", type=Path, default=Path("models/mnist"))
@@ -51,7 +91,9 @@ def main() -> None:
     try:
         target = server.target
         alone = online(target, args.seconds)
+        before = sums(server)
         with_batch, batch_beside = together(target, args.seconds, "batch")
+        waits = where_online_waits(before, sums(server))
         batch_alone = batch(target, args.seconds, "batch")
         fifo_online, fifo_batch = together(target, args.seconds, None)
     finally:
@@ -79,6 +121,12 @@ def main() -> None:
         "server_args": " ".join(args.server_args) or "defaults",
     }
     print_table(rows, settings)
+    print(
+        f"  online calls with the batch job, mean as the server saw them: "
+        f"{waits['server_ms']:.2f} ms in the server, {waits['queue_wait_ms']:.2f} ms of it in "
+        f"the model queue; a model call took {waits['model_call_ms']:.2f} ms; the client saw "
+        f"p50 {with_batch['p50_ms']:.2f} ms"
+    )
     if args.json:
         write_json(args.json, rows, settings)
 
