@@ -16,7 +16,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
-from . import tls
+from . import tls, tracing
+from .access_log import AccessLog
 from .admission import Admission
 from .api import http, native, tfserving, v2
 from .api.calls import CallPath
@@ -129,7 +130,16 @@ class ModelServer:
         self.core = InferenceCore(self.registry, settings)
         # The door every call passes, and the per-call path around every call of every API.
         self.admission = Admission()
-        self.calls = CallPath(self.admission)
+        self.access_log = (
+            None
+            if settings.access_log is None
+            else AccessLog(
+                settings.access_log,
+                settings.access_log_sample_rate,
+                settings.access_log_queue_size,
+            )
+        )
+        self.calls = CallPath(self.admission, self.access_log)
         self.health = health_aio.HealthServicer()
         shared_port = worker is not None
         self._grpc, self._services = build_grpc_server(
@@ -159,6 +169,8 @@ class ModelServer:
         /v2/health/ready says 503.
         """
         self.admission.open()
+        if tracing.start(self.settings.tracing):
+            logger.info("tracing on: spans exported over OTLP as the OTEL_* variables say")
         await self._say(NOT_SERVING, "", NATIVE_SERVICE)
         await self._open_http_port()
         await self._load_model()
@@ -268,6 +280,10 @@ class ModelServer:
         if self._metrics_http is not None:
             await self._metrics_http.stop()
         self._inference.shutdown(wait=False)
+        # The last access log lines and spans: written and exported before the exit.
+        if self.access_log is not None:
+            await asyncio.to_thread(self.access_log.close)
+        await asyncio.to_thread(tracing.stop)
         self._stopped.set()
         logger.info("stopped")
 

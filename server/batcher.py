@@ -36,10 +36,11 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
-from . import metrics
+from . import call_context, metrics, tracing
 from .call_context import BATCH, ONLINE, PRIORITIES, Priority
 from .errors import DeadlineExpired, Overloaded, ShuttingDown
 from .runtimes.base import Prediction
@@ -58,6 +59,7 @@ class _Request:
     enqueued: float = field(default_factory=time.monotonic)
     taken: int = 0  # images handed to the model so far (batch chunks)
     answered: list[Prediction] = field(default_factory=list)  # their rows, in order
+    span: Any = None  # the call's server span, when tracing is on
 
     @property
     def left(self) -> int:
@@ -132,9 +134,12 @@ class Batcher:
         if priority == ONLINE and count <= self.inline_max_images and not self._busy and not online:
             check_deadline(deadline)
             self._waited[ONLINE].observe(0.0)  # every request has a wait sample
-            return run_inline(self._predict, images)
+            return run_inline(self._predict, images, traced=True)
         future: asyncio.Future[Prediction] = asyncio.get_running_loop().create_future()
-        self._queues[priority].append(_Request(images, deadline, future, priority))
+        request = _Request(images, deadline, future, priority)
+        if tracing.tracer is not None:
+            request.span = call_context.current_call().span
+        self._queues[priority].append(request)
         self._queued[priority] += count
         metrics.QUEUE_DEPTH.inc(count)
         self._arrived.set()
@@ -149,6 +154,7 @@ class Batcher:
             await self._task
 
     async def _run(self) -> None:
+        call_context.detach()  # this task serves every call, not the one that started it
         while True:
             if not any(self._queues.values()):
                 if self._closed:
@@ -212,6 +218,8 @@ class Batcher:
             count = head.left if whole else min(head.left, room)
             if head.taken == 0:
                 self._waited[priority].observe(now - head.enqueued)
+                if head.span is not None and tracing.tracer is not None:
+                    tracing.record_queue_wait(head.span, head.enqueued, now)
             parts.append(_Part(head, head.taken, head.taken + count))
             head.taken += count
             self._dequeued(priority, count)
@@ -231,6 +239,9 @@ class Batcher:
             else np.concatenate([p.request.images[p.start : p.stop] for p in parts])
         )
         self._busy = True
+        span = None
+        if tracing.tracer is not None:  # one span, linked to every request it answers
+            span = tracing.start_model_span((p.request.span for p in parts), len(images))
         try:
             result = await run_model(self._predict, self._executor, images)
         except Exception as error:  # every caller of a failed call learns of it
@@ -240,6 +251,8 @@ class Batcher:
             return
         finally:
             self._busy = False
+            if span is not None:
+                span.end()
         start = 0
         for part in parts:
             request = part.request
@@ -269,17 +282,35 @@ def check_deadline(deadline: float | None) -> None:
         raise DeadlineExpired("the deadline passed before the model could run")
 
 
-async def run_model(predict: Predict, executor: Executor, images: np.ndarray) -> Prediction:
-    """Call the model off the event loop, time it, and check it answered every image."""
+async def run_model(
+    predict: Predict, executor: Executor, images: np.ndarray, *, traced: bool = False
+) -> Prediction:
+    """Call the model off the event loop, time it, and check it answered every image.
+    `traced`: the call answers the current call alone, and gets a span as its child."""
+    span = None
+    if traced and tracing.tracer is not None:
+        span = tracing.start_model_span((call_context.current_call().span,), len(images))
     started = time.perf_counter()
-    result = await asyncio.get_running_loop().run_in_executor(executor, predict, images)
+    try:
+        result = await asyncio.get_running_loop().run_in_executor(executor, predict, images)
+    finally:
+        if span is not None:
+            span.end()
     return _checked(images, result, started)
 
 
-def run_inline(predict: Predict, images: np.ndarray) -> Prediction:
+def run_inline(predict: Predict, images: np.ndarray, *, traced: bool = False) -> Prediction:
     """Call the model on this thread (the event loop's: only for microsecond calls)."""
+    span = None
+    if traced and tracing.tracer is not None:
+        span = tracing.start_model_span((call_context.current_call().span,), len(images))
     started = time.perf_counter()
-    return _checked(images, predict(images), started)
+    try:
+        result = predict(images)
+    finally:
+        if span is not None:
+            span.end()
+    return _checked(images, result, started)
 
 
 def _checked(images: np.ndarray, result: Prediction, started: float) -> Prediction:

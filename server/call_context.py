@@ -1,5 +1,5 @@
-"""The call being handled, as every layer below the APIs sees it: its priority class (and,
-as they arrive, its caller, request ID and trace).
+"""The call being handled, as every layer below the APIs sees it: its priority class, its
+request ID, and what the access log and the trace say of it (images, model version).
 
 The per-call path (api/calls.py) makes one `Call` per call and makes it current for the
 task that handles it; the core reads the priority from here, and a binding whose protocol
@@ -9,9 +9,10 @@ nothing of the server but its errors.
 
 from __future__ import annotations
 
+import uuid
 from contextvars import ContextVar, Token
 from dataclasses import dataclass
-from typing import Literal, get_args
+from typing import Any, Literal, get_args
 
 import grpc
 
@@ -27,6 +28,11 @@ PRIORITY_METADATA = "mnist-priority"
 PRIORITY_HEADER = "Mnist-Priority"
 PRIORITY_PARAMETER = "priority"
 OK = grpc.StatusCode.OK
+# The request ID: gRPC metadata key (in the answer's trailing metadata too) and HTTP header.
+REQUEST_ID_METADATA = "x-request-id"
+REQUEST_ID_HEADER = "X-Request-Id"
+MAX_REQUEST_ID = 128
+_PRINTABLE = frozenset(range(0x20, 0x7F))
 
 
 @dataclass(slots=True)
@@ -37,6 +43,10 @@ class Call:
     method: str  # the RPC's name (an HTTP route counts as the RPC it stands for)
     priority: Priority = ONLINE
     code: grpc.StatusCode = OK  # the status the caller got
+    request_id: str = ""  # the caller's x-request-id, or one made for it
+    images: int = 0  # images the call carried (inference calls)
+    model_version: int = 0  # the version that answered (inference calls)
+    span: Any = None  # the call's server span, when tracing is on (server/tracing.py)
 
 
 _current: ContextVar[Call | None] = ContextVar("mnist_serving_call", default=None)
@@ -55,6 +65,12 @@ def enter(call: Call) -> Token[Call | None]:
 
 def leave(token: Token[Call | None]) -> None:
     _current.reset(token)
+
+
+def detach() -> None:
+    """No current call in the running task: for a task that serves many calls (the
+    batcher's), which would otherwise inherit the call that started it."""
+    _current.set(None)
 
 
 def declare_priority(priority: Priority) -> None:
@@ -88,3 +104,22 @@ def priority_numbered(value: object) -> Priority:
             f"{list(PRIORITIES)} as {PRIORITY_METADATA} / {PRIORITY_HEADER})"
         )
     return BATCH if value >= 2 else ONLINE
+
+
+def request_id_of(value: object) -> str:
+    """The caller's request ID when it is one (printable ASCII, 1 to 128 characters);
+    otherwise, or when there is none, a new one (32 hex digits)."""
+    if (
+        isinstance(value, str)
+        and 0 < len(value) <= MAX_REQUEST_ID
+        and value.isascii()
+        and _PRINTABLE.issuperset(value.encode())
+    ):
+        return value
+    return uuid.uuid4().hex
+
+
+def current_request_id() -> str:
+    """The running task's request ID; "" outside any call (what the log filter reads)."""
+    call = _current.get()
+    return "" if call is None else call.request_id

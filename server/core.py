@@ -67,7 +67,9 @@ class InferenceCore:
             raise NotReady("the model is still loading; retry shortly")
         served = self.registry.resolve(model_name, version)
         images = decode_images(dtype, shape, content, self.settings.max_images_per_request)
-        prediction = await served.predict(images, deadline, current_call().priority)
+        call = current_call()
+        call.images, call.model_version = len(images), served.version  # the access log's
+        prediction = await served.predict(images, deadline, call.priority)
         return Answer(prediction, self.registry.name, served.version)
 
     def versions(self, model_name: str = "") -> list[VersionReport]:

@@ -2,7 +2,7 @@
 
 Fields come from `extra=` on the logging call. Configured only by __main__. With several
 workers, every line says which process wrote it: `worker=0`, `worker=1`, ... or
-`worker=supervisor`.
+`worker=supervisor`. A line logged while a call is handled carries its `request_id`.
 """
 
 from __future__ import annotations
@@ -11,6 +11,8 @@ import logging
 import sys
 import time
 from typing import Any
+
+from .call_context import current_request_id
 
 _STANDARD = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime"}
 
@@ -42,9 +44,21 @@ class LogfmtFormatter(logging.Formatter):
         return " ".join(f"{key}={_value(value)}" for key, value in fields.items())
 
 
+class RequestIdFilter(logging.Filter):
+    """Adds the current call's request ID to a record logged while the call is handled."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "request_id" not in record.__dict__:
+            request_id = current_request_id()
+            if request_id:
+                record.request_id = request_id
+        return True
+
+
 def configure_logging(level: str, worker: str | None = None) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(LogfmtFormatter(worker))
+    handler.addFilter(RequestIdFilter())
     logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
 
 

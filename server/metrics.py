@@ -142,6 +142,11 @@ MODEL_LOAD_FAILURES = Counter(
 WORKER_RESTARTS = Counter(
     "worker_restarts", "Worker processes started again after one died.", namespace=NAMESPACE
 )
+ACCESS_LOG_DROPPED = Counter(
+    "access_log_dropped",
+    "Access log lines dropped because the writer's queue was full (the calls went on).",
+    namespace=NAMESPACE,
+)
 
 _CLASS_LABELS = [str(digit) for digit in range(NUM_CLASSES)]
 _CLASS_CHILDREN = [PREDICTED_CLASS.labels(label) for label in _CLASS_LABELS]

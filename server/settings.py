@@ -179,6 +179,25 @@ class Settings(BaseSettings):
         description="origins whose browser pages may call the HTTP port (CORS), e.g. "
         "https://a.example,http://localhost:3000, or * for any (off by default)",
     )
+    access_log: str | None = Field(
+        None,
+        description="write one JSON line per call to this file (appended), or - for stdout "
+        "(off by default)",
+    )
+    access_log_sample_rate: float = Field(
+        1.0, ge=0, le=1, description="the share of calls the access log gets a line for"
+    )
+    access_log_queue_size: int = Field(
+        10000,
+        ge=1,
+        description="access log lines waiting for the writer; beyond it lines are dropped "
+        "(and counted), never the calls",
+    )
+    tracing: bool = Field(
+        False,
+        description="OpenTelemetry tracing (needs the otel extra): a span per call, exported "
+        "over OTLP as the standard OTEL_* variables say (OTEL_SDK_DISABLED=true turns it off)",
+    )
 
     @field_validator("workers", mode="before")
     @classmethod

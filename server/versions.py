@@ -75,8 +75,8 @@ class ServedVersion:
                 return await batcher.submit(images, deadline, priority)
             check_deadline(deadline)
             if len(images) <= self.model.inline_max_images:
-                return run_inline(self.model.predict, images)
-            return await run_model(self.model.predict, self.executor, images)
+                return run_inline(self.model.predict, images, traced=True)
+            return await run_model(self.model.predict, self.executor, images, traced=True)
         finally:
             self._in_flight -= 1
             if not self._in_flight:

@@ -18,7 +18,8 @@ from typing import Any
 import grpc
 from aiohttp import web
 
-from ..call_context import PRIORITY_HEADER, Call
+from .. import tracing
+from ..call_context import PRIORITY_HEADER, REQUEST_ID_HEADER, Call, request_id_of
 from ..errors import InvalidInput, RequestTooLarge
 from .calls import CallPath, Failure
 
@@ -40,20 +41,49 @@ class RestBinding:
     def counted(self, api: str, method: str, impl: Handler) -> Handler:
         """`impl` through the call path as (api, method), its failures answered as JSON."""
         path = self.path
-        stats = path.method(api, method)
+        stats = path.method(api, method, http=True)
 
         async def handle(request: web.Request) -> web.StreamResponse:
             async def answer(call: Call) -> web.StreamResponse:
                 return await impl(request)
 
+            headers = request.headers
+            request_id = request_id_of(headers.get(REQUEST_ID_HEADER))
+            traced = tracing.tracer is not None
             outcome = await path.observe(
-                stats, answer, _cancelled, request.headers.get(PRIORITY_HEADER)
+                stats,
+                answer,
+                _cancelled,
+                headers.get(PRIORITY_HEADER),
+                request_id=request_id,
+                carrier=headers,
+                peer=lambda: request.remote or "",
+                attributes=_attributes(request) if traced else None,
+                span_name=f"{request.method} {_route(request)}" if traced else "",
             )
             if isinstance(outcome, Failure):
-                return error_response(outcome.http_status, outcome.message)
+                outcome = error_response(outcome.http_status, outcome.message)
+            if not outcome.prepared:
+                outcome.headers[REQUEST_ID_HEADER] = request_id
             return outcome
 
         return handle
+
+
+def _attributes(request: web.Request) -> dict[str, str | int]:
+    """The span attributes of one HTTP call (OpenTelemetry's HTTP server conventions)."""
+    return {
+        "http.request.method": request.method,
+        "http.route": _route(request),
+        "url.path": request.path,
+        "url.scheme": request.scheme,
+    }
+
+
+def _route(request: web.Request) -> str:
+    """The path template the request matched, e.g. /v2/models/{name}/infer."""
+    resource = request.match_info.route.resource
+    return request.path if resource is None else resource.canonical
 
 
 def _cancelled() -> grpc.StatusCode:

@@ -23,7 +23,7 @@ from google.protobuf.descriptor import ServiceDescriptor
 from google.protobuf.message import DecodeError, Message
 
 from .. import metrics
-from ..call_context import PRIORITY_METADATA, Call
+from ..call_context import PRIORITY_METADATA, REQUEST_ID_METADATA, Call, request_id_of
 from ..errors import InvalidInput, NotImplementedHere
 from ..logs import RateLimitedLog
 from .calls import CallPath, Failure
@@ -70,6 +70,7 @@ class RpcBinding:
                     message_factory.GetMessageClass(method.input_type),
                     getattr(servicer, method.name, None),
                     unimplemented or f"{method.name} is not served here",
+                    service.full_name,
                 ),
                 request_deserializer=None,  # bytes: parsed in _method
                 response_serializer=_serialize,
@@ -83,9 +84,15 @@ class RpcBinding:
         request_type: type[Message],
         impl: Method | None,
         unimplemented: str,
+        service: str = "",
     ) -> Callable[[bytes, Context], Awaitable[Message]]:
         path = self.path
-        stats = path.method(api, name)
+        stats = path.method(
+            api,
+            name,
+            span_name=f"{service}/{name}",
+            span_attributes={"rpc.system": "grpc", "rpc.service": service, "rpc.method": name},
+        )
         full_name = request_type.DESCRIPTOR.full_name
 
         async def handle(data: bytes, context: Context) -> Message:
@@ -99,8 +106,18 @@ class RpcBinding:
                     raise InvalidInput(f"the request is not a valid {full_name} message") from None
                 return await impl(request, context)
 
+            metadata = metadata_of(context)
+            request_id = request_id_of(metadata.get(REQUEST_ID_METADATA))
+            # Trailing metadata: sent with every status, OK or not (abort keeps it).
+            context.set_trailing_metadata(((REQUEST_ID_METADATA, request_id),))
             outcome = await path.observe(
-                stats, answer, lambda: cancelled_status(context), declared_priority(context)
+                stats,
+                answer,
+                lambda: cancelled_status(context),
+                declared_priority(context),
+                request_id=request_id,
+                carrier=metadata,
+                peer=context.peer,
             )
             if not isinstance(outcome, Failure):
                 return outcome
@@ -120,6 +137,13 @@ class RpcBinding:
 
 def _serialize(response: Message) -> bytes:
     return response.SerializeToString()
+
+
+def metadata_of(context: Context) -> dict[str, str]:
+    """The caller's text metadata (binary `-bin` values left out)."""
+    return {
+        key: value for key, value in context.invocation_metadata() or () if isinstance(value, str)
+    }
 
 
 def declared_priority(context: Context) -> str | None:
