@@ -41,10 +41,11 @@ typecheck: $(STAMP)
 	MYPYPATH=.typecheck $(BIN)/mypy scripts/demo.py scripts/config_page.py
 
 # The site (docs/, mkdocs.yml) into site/, offline; --strict fails on a broken link or anchor
-# and on a page missing from the nav. docs/operations/configuration.md is generated:
+# and on a page missing from the nav (never add --quiet: mkdocs then drops the warnings
+# before --strict counts them, and a broken site builds). docs/operations/configuration.md is generated:
 # $(BIN)/python scripts/config_page.py (tests/test_config_page.py says when it is stale).
 docs: $(STAMP)
-	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet --site-dir site
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site
 
 proto: $(STAMP)
 	$(BIN)/python protos/generate.py

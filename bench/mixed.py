@@ -11,11 +11,8 @@ from the same run; the rows are ratios.
 from __future__ import annotations
 
 import argparse
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-
-from prometheus_client.parser import text_string_to_metric_families
 
 from mnist_serving.server.launcher import ServerProcess
 
@@ -47,13 +44,8 @@ Sums = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
 def sums(server: ServerProcess) -> Sums:
     """The server's histogram sums and counts, by series."""
-    with urllib.request.urlopen(server.metrics_url, timeout=10) as answer:
-        text = answer.read().decode()
     return {
-        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-        if sample.name.endswith(("_sum", "_count"))
+        key: value for key, value in server.scrape().items() if key[0].endswith(("_sum", "_count"))
     }
 
 

@@ -10,7 +10,15 @@ No TensorFlow here: the base install is grpcio, protobuf, numpy and tqdm (Pillow
 """
 
 from .aio import AsyncMnistClient
-from .client import NO_RETRY, SERVICE_NAME, MnistClient, RetryPolicy, tls_credentials
+from .client import (
+    NO_RETRY,
+    PRIORITIES,
+    SERVICE_NAME,
+    MnistClient,
+    Priority,
+    RetryPolicy,
+    tls_credentials,
+)
 from .codec import Prediction
 from .errors import (
     DeadlineExceeded,
@@ -25,6 +33,7 @@ from .metadata import ModelMetadata, TensorSpec, VersionInfo
 
 __all__ = [
     "NO_RETRY",
+    "PRIORITIES",
     "SERVICE_NAME",
     "AsyncMnistClient",
     "DeadlineExceeded",
@@ -35,6 +44,7 @@ __all__ = [
     "NotFound",
     "Overloaded",
     "Prediction",
+    "Priority",
     "ProtocolError",
     "RetryPolicy",
     "TensorSpec",

@@ -22,7 +22,15 @@ import numpy as np
 
 from mnist_serving.contract import IMAGE_SIDE
 
-from .client import DEFAULT_TIMEOUT, SERVICE_NAME, MnistClient, tls_credentials
+from .client import (
+    BATCH,
+    DEFAULT_TIMEOUT,
+    PRIORITIES,
+    SERVICE_NAME,
+    MnistClient,
+    Priority,
+    tls_credentials,
+)
 from .codec import Prediction
 from .errors import InputFileError, MnistError
 from .inputs import SPLITS, open_source
@@ -115,6 +123,7 @@ def _parser() -> argparse.ArgumentParser:
     _input_options(predict)
     predict.add_argument("--json", action="store_true", help="print JSON")
     _timeout_option(predict, DEFAULT_TIMEOUT)
+    _priority_option(predict, None, "default: none, which the server takes as online")
     predict.set_defaults(command=_predict)
 
     score = commands.add_parser(
@@ -167,6 +176,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     score.add_argument("--no-progress", action="store_true", help="no progress bar")
     _timeout_option(score, DEFAULT_TIMEOUT)
+    _priority_option(score, BATCH, "default: %(default)s, behind online callers")
     _ray_options(score)
     score.set_defaults(command=_score)
 
@@ -240,6 +250,17 @@ def _timeout_option(parser: argparse.ArgumentParser, default: float) -> None:
         type=_positive(float),
         default=default,
         help="deadline of each call in seconds, retries included (default: %(default)s)",
+    )
+
+
+def _priority_option(
+    parser: argparse.ArgumentParser, default: Priority | None, default_help: str
+) -> None:
+    parser.add_argument(
+        "--priority",
+        choices=PRIORITIES,
+        default=default,
+        help=f"the calls' priority class on the server ({default_help})",
     )
 
 
@@ -337,7 +358,7 @@ def _predict(args: argparse.Namespace) -> int:
         parts = [p.astype(np.float32) / 255 if p.dtype == np.uint8 else p for p in parts]
     batch = np.concatenate(parts)
     with _client(args) as client:
-        prediction = client.predict(batch, model_version=args.model_version)
+        prediction = client.predict(batch, model_version=args.model_version, priority=args.priority)
     _print_predictions(names, prediction, args.json)
     return 0
 
@@ -383,6 +404,7 @@ def _score(args: argparse.Namespace) -> int:
         model_version=args.model_version,
         timeout=args.timeout,
         credentials=_credentials(args),
+        priority=args.priority,
     )
     bars: list[tqdm[Any]] = []
 
@@ -486,6 +508,7 @@ def _score_ray(args: argparse.Namespace) -> int:
         address=args.address,
         num_cpus=args.num_cpus,
         progress=not args.no_progress,
+        priority=args.priority,
     )
 
     def start(todo: int, kept: int) -> None:

@@ -16,7 +16,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from mnist_serving.protos.mnist.v1 import predict_pb2, predict_pb2_grpc
 
-from .client import SERVICE_NAME, ClientSettings, predict_request, status_name
+from .client import SERVICE_NAME, ClientSettings, Priority, predict_request, status_name
 from .codec import Prediction, as_batch, decode_prediction
 from .errors import from_rpc_error
 from .metadata import ModelMetadata
@@ -46,8 +46,10 @@ class AsyncMnistClient(ClientSettings):
         *,
         model_version: int = 0,
         timeout: float | None = None,
+        priority: Priority | None = None,
     ) -> Prediction:
         batch = as_batch(images)
+        metadata = self._metadata(priority)
         parts: list[Prediction] = []
         version = model_version
         for start in range(0, len(batch), self.max_images_per_request):
@@ -57,6 +59,7 @@ class AsyncMnistClient(ClientSettings):
                 response = await self._next(self._stubs).Predict(
                     request,
                     timeout=self._timeout(timeout),
+                    metadata=metadata,
                     wait_for_ready=self.wait_for_ready,
                 )
             except grpc.RpcError as error:
@@ -71,6 +74,7 @@ class AsyncMnistClient(ClientSettings):
             response = await self._next(self._stubs).GetModelMetadata(
                 request,
                 timeout=self._timeout(timeout),
+                metadata=self._metadata(),
                 wait_for_ready=self.wait_for_ready,
             )
         except grpc.RpcError as error:

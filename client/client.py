@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar, get_args
 
 import grpc
 import numpy as np
@@ -37,6 +37,16 @@ DEFAULT_MAX_IMAGES_PER_REQUEST = 1024
 # gRPC clamps maxAttempts to 5 (the first try and four retries).
 MAX_ATTEMPTS_LIMIT = 5
 _MIB = 1 << 20
+
+# The server's two priority classes. "online" (the server's default when a call declares
+# none) is for callers waiting on the answer; "batch" for bulk jobs, which the server runs
+# in chunks behind online calls, in a queue of its own. A call declares its class in this
+# metadata key.
+Priority = Literal["online", "batch"]
+PRIORITIES: tuple[Priority, ...] = get_args(Priority)
+ONLINE: Priority = "online"
+BATCH: Priority = "batch"
+PRIORITY_METADATA = "mnist-priority"
 
 
 @dataclass(frozen=True)
@@ -140,6 +150,18 @@ def status_name(status: int) -> str:
     return str(health_pb2.HealthCheckResponse.ServingStatus.Name(status))
 
 
+def check_priority(priority: str | None) -> Priority | None:
+    """`priority` if it names a class (or is None: declare none); ValueError otherwise."""
+    if priority is None:
+        return None
+    for known in PRIORITIES:
+        if priority == known:
+            return known
+    raise ValueError(
+        f"priority must be one of {', '.join(map(repr, PRIORITIES))} or None, got {priority!r}"
+    )
+
+
 def check_settings(timeout: float | None, max_images_per_request: int, connections: int) -> None:
     if timeout is not None and timeout <= 0:
         raise ValueError("timeout must be positive (or None for no deadline)")
@@ -154,6 +176,8 @@ class ClientSettings:
 
     `connections` > 1 opens that many channels (TCP connections) and sends the calls
     round-robin over them: the way to use every worker of a server run with --workers.
+    `priority` ("online", "batch" or None: declare none, which the server takes as online)
+    is sent with every predict and metadata call unless a predict call names its own.
     """
 
     def __init__(
@@ -169,8 +193,10 @@ class ClientSettings:
         options: Sequence[tuple[str, Any]] = (),
         connections: int = 1,
         load_balancing: str | None = None,
+        priority: Priority | None = None,
     ) -> None:
         check_settings(timeout, max_images_per_request, connections)
+        self.priority = check_priority(priority)
         self.target = target
         self.timeout = timeout
         self.max_images_per_request = max_images_per_request
@@ -195,6 +221,11 @@ class ClientSettings:
     def _timeout(self, timeout: float | None) -> float | None:
         return self.timeout if timeout is None else timeout
 
+    def _metadata(self, priority: Priority | None = None) -> tuple[tuple[str, str], ...] | None:
+        """The call's metadata: its priority class (`priority`, else the client's), if any."""
+        declared = check_priority(priority) or self.priority
+        return None if declared is None else ((PRIORITY_METADATA, declared),)
+
 
 class MnistClient(ClientSettings):
     """A blocking client of `mnist.v1.MnistService`; thread-safe, one channel (or
@@ -203,7 +234,9 @@ class MnistClient(ClientSettings):
     `timeout` is each RPC's deadline in seconds, retries included (a big `predict` makes one
     RPC per `max_images_per_request` images). `credentials` selects TLS: `tls_credentials(
     ca_cert, client_cert, client_key)` (the last two for a server that requires client
-    certificates), or any grpc.ChannelCredentials. Use as a context manager, or `close()`.
+    certificates), or any grpc.ChannelCredentials. `priority` declares the calls' class:
+    "batch" for bulk jobs, "online" (or None, the server's default) for callers waiting on
+    the answer. Use as a context manager, or `close()`.
     """
 
     def _connect(
@@ -225,13 +258,16 @@ class MnistClient(ClientSettings):
         *,
         model_version: int = 0,
         timeout: float | None = None,
+        priority: Priority | None = None,
     ) -> Prediction:
         """Classify images (see `as_batch` for accepted shapes and dtypes), in input order.
 
         `model_version` 0 means the newest version; the parts of a split call are all pinned
         to the version that answered the first part, so one call never mixes versions.
+        `priority` declares this call's class instead of the client's.
         """
         batch = as_batch(images)
+        metadata = self._metadata(priority)
         parts: list[Prediction] = []
         version = model_version
         for start in range(0, len(batch), self.max_images_per_request):
@@ -241,6 +277,7 @@ class MnistClient(ClientSettings):
                 response = self._next(self._stubs).Predict(
                     request,
                     timeout=self._timeout(timeout),
+                    metadata=metadata,
                     wait_for_ready=self.wait_for_ready,
                 )
             except grpc.RpcError as error:
@@ -253,7 +290,10 @@ class MnistClient(ClientSettings):
         request = predict_pb2.GetModelMetadataRequest(name=self.model_name)
         try:
             response = self._next(self._stubs).GetModelMetadata(
-                request, timeout=self._timeout(timeout), wait_for_ready=self.wait_for_ready
+                request,
+                timeout=self._timeout(timeout),
+                metadata=self._metadata(),
+                wait_for_ready=self.wait_for_ready,
             )
         except grpc.RpcError as error:
             raise from_rpc_error(error) from error

@@ -49,7 +49,7 @@ STREAM_GRACE_SECONDS = 1.0
 
 def grpc_options(settings: Settings, *, shared_port: bool = False) -> list[tuple[str, Any]]:
     """Message limits, and the connection hygiene that keeps one client from starving the
-    rest (README, "Connection limits")."""
+    rest (docs/operations/connection-limits.md)."""
 
     def ms(seconds: float) -> int:
         return int(seconds * 1000)

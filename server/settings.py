@@ -72,7 +72,7 @@ class Settings(BaseSettings):
         description="batch-class images waiting for the model before new batch calls are "
         "shed (a queue of their own: batch jobs never take the online calls' room)",
     )
-    # Measured with bench.mixed (README, "Priority classes"): chunks of 256 cost an online
+    # Measured with bench.mixed (docs/operations/priorities.md): chunks of 256 cost an online
     # call waiting behind one about 0.5 ms on the 2-core machine, and keep the batch job's
     # throughput within a few percent of whole 1,024-image calls.
     batch_chunk_images: int = Field(

@@ -2,7 +2,8 @@
 
 No TensorFlow and no model: the "prediction" is a deterministic function of the pixels
 (`expected`), so tests can check order and reassembly exactly. Failures are injected per
-call (`fail_next`) and every attempt is recorded (`calls`), which is how retry tests count.
+call (`fail_next`) and every attempt is recorded (`calls`, with the priority class its
+metadata declared), which is how retry tests count.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from mnist_serving.protos.mnist.v1 import predict_pb2, predict_pb2_grpc
 
 SERVICE_NAME = "mnist.v1.MnistService"
+PRIORITY_METADATA = "mnist-priority"  # the server's key (server/call_context.py)
 VERSIONS = (2, 1)  # newest first
 
 
@@ -42,6 +44,7 @@ class Call:
     images: int
     version: int
     model: str
+    priority: str | None = None  # the mnist-priority metadata value; None: not sent
 
 
 @dataclass
@@ -73,6 +76,9 @@ class FakeMnistService(predict_pb2_grpc.MnistServiceServicer):  # type: ignore[m
             return [c for c in self.calls if c.method == "Predict"]
 
     def _enter(self, context: grpc.ServicerContext, call: Call) -> None:
+        for key, value in context.invocation_metadata() or ():
+            if key == PRIORITY_METADATA:
+                call.priority = str(value)
         with self._lock:
             self.calls.append(call)
             failure = None

@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import urllib.request
-
 import grpc
 import numpy as np
-from prometheus_client.parser import text_string_to_metric_families
 
 from mnist_serving.protos.mnist.v1 import predict_pb2 as pb
 from mnist_serving.protos.mnist.v1 import predict_pb2_grpc
@@ -20,13 +17,7 @@ Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
 def scrape(server: ServerProcess) -> Samples:
     """The server's /metrics, parsed by prometheus_client's own parser."""
-    with urllib.request.urlopen(server.metrics_url, timeout=10) as answer:
-        text = answer.read().decode()
-    return {
-        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-    }
+    return server.scrape()
 
 
 def native(target: str, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

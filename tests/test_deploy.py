@@ -70,6 +70,7 @@ METRICS: dict[str, tuple[str, frozenset[str]]] = {
     "mnist_requests_total": ("counter", frozenset({"api", "method", "code", "priority"})),
     "mnist_request_duration_seconds": ("histogram", frozenset({"api", "method", "priority"})),
     "mnist_batch_queue_wait_seconds": ("histogram", frozenset({"priority"})),
+    "mnist_requests_shed_total": ("counter", frozenset({"priority"})),
     "mnist_model_inference_seconds": ("histogram", frozenset()),
     "mnist_images_predicted_total": ("counter", frozenset()),
     "mnist_batch_size_images": ("histogram", frozenset()),
@@ -705,6 +706,14 @@ def test_dashboard_shows_the_required_views() -> None:
     gauges = ("mnist_batch_queue_depth", "mnist_requests_in_flight", "mnist_model_version_info")
     for gauge in gauges:
         assert shown(gauge), gauge
+    # Online against batch: latency per class (the quantile taken per class, not overall)
+    # and the calls each class had shed.
+    for quantile in ("0.5", "0.99"):
+        assert shown(
+            rf"histogram_quantile\({quantile}, sum by \(le, priority\) "
+            r"\(rate\(mnist_request_duration_seconds_bucket"
+        ), f"p{quantile} by priority"
+    assert shown(r"sum by \(priority\) \(rate\(mnist_requests_shed_total\[1m\]\)\)")
 
 
 def test_histogram_quantiles_keep_the_le_label() -> None:

@@ -71,6 +71,14 @@ def scheduler(model: RecordingModel, **kw: int) -> Batcher:
     )
 
 
+async def model_held(model: RecordingModel, batcher: Batcher, images: int) -> asyncio.Future[Any]:
+    """An online request of `images` images (tag 9) that the model is stalled on."""
+    model.release.clear()
+    held = asyncio.ensure_future(batcher.submit(tagged(9, images)))
+    await holding(model)
+    return held
+
+
 async def queued_in(batcher: Batcher, priority: str, images: int) -> None:
     """Until `images` images of the class wait in the batcher's queue."""
     await until(lambda: batcher._queued[priority] == images, f"{images} {priority} images")  # type: ignore[index]
@@ -96,9 +104,7 @@ async def test_an_online_request_runs_before_the_rest_of_a_queued_batch_request(
 async def test_batch_work_keeps_one_model_call_in_batch_every() -> None:
     model = TagRecordingModel()
     batcher = scheduler(model, max_batch_size=4, batch_every=2)
-    model.release.clear()
-    first = asyncio.ensure_future(batcher.submit(tagged(9, 4)))
-    await holding(model)
+    first = await model_held(model, batcher, 4)
     batch = asyncio.ensure_future(batcher.submit(tagged(1, 8), priority=BATCH))
     online = [asyncio.ensure_future(batcher.submit(tagged(t, 4))) for t in (2, 3, 4)]
     await queued_in(batcher, ONLINE, 12)
@@ -112,9 +118,7 @@ async def test_batch_work_keeps_one_model_call_in_batch_every() -> None:
 async def test_chunks_merge_batch_requests_in_order_and_split_back() -> None:
     model = TagRecordingModel()
     batcher = scheduler(model)
-    model.release.clear()
-    held = asyncio.ensure_future(batcher.submit(tagged(9, 8)))
-    await holding(model)
+    held = await model_held(model, batcher, 8)
     requests = [batcher.submit(tagged(t, 6), priority=BATCH) for t in (1, 2)]
     answers = asyncio.ensure_future(asyncio.gather(*requests))
     await queued_in(batcher, BATCH, 12)
@@ -131,9 +135,7 @@ async def test_chunks_merge_batch_requests_in_order_and_split_back() -> None:
 async def test_each_class_is_shed_by_its_own_limit() -> None:
     model = RecordingModel()
     batcher = scheduler(model, max_queued_images=8, max_queued_batch_images=8)
-    model.release.clear()
-    held = asyncio.ensure_future(batcher.submit(tagged(9, 8)))
-    await holding(model)
+    held = await model_held(model, batcher, 8)
     batch = asyncio.ensure_future(batcher.submit(tagged(1, 8), priority=BATCH))
     await queued_in(batcher, BATCH, 8)
     with pytest.raises(Overloaded, match="batch queue is full"):

@@ -435,6 +435,21 @@ def test_several_targets_share_the_calls_and_one_version_is_pinned(
         ].tolist()
 
 
+def test_the_actors_declare_the_batch_class(
+    ray_address: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    np.save(tmp_path / "a.npy", np.zeros((30, 28, 28), np.uint8))
+    with running_fake_server() as fake:
+        code = main(["score", "--engine", "ray", "--target", fake.target, "--no-progress",
+                     "--batch-size", "10", "--input", str(tmp_path / "a.npy"),
+                     "--output", str(tmp_path / "out")])  # fmt: skip
+        calls = list(fake.service.calls)
+    assert code == 0, capsys.readouterr().err
+    # The driver's probe, then the actor's three calls: every one declared batch.
+    assert [c.method for c in calls].count("Predict") == 3
+    assert {c.priority for c in calls} == {"batch"}
+
+
 def test_the_output_keys_keep_the_input_keys_type(
     ray_address: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -72,23 +72,29 @@ def browser() -> Iterator[Any]:
         chromium.close()
 
 
-@pytest.fixture
-def page(browser: Any, served_page: ServerProcess) -> Iterator[Any]:
-    """A fresh page on / that has finished loading, whose requests stay on the server."""
-    context = browser.new_context(viewport={"width": 1100, "height": 1000})
-    page = context.new_page()
+def confined(page: Any, server: ServerProcess) -> list[str]:
+    """Let `page` reach only the server: every other request is aborted and listed."""
     outside: list[str] = []
-    errors: list[str] = []
-    server = urlsplit(served_page.http_url).netloc
+    netloc = urlsplit(server.http_url).netloc
 
     def only_the_server(route: Any) -> None:
-        if urlsplit(route.request.url).netloc == server:
+        if urlsplit(route.request.url).netloc == netloc:
             route.continue_()
         else:
             outside.append(route.request.url)
             route.abort()
 
     page.route("**/*", only_the_server)
+    return outside
+
+
+@pytest.fixture
+def page(browser: Any, served_page: ServerProcess) -> Iterator[Any]:
+    """A fresh page on / that has finished loading, whose requests stay on the server."""
+    context = browser.new_context(viewport={"width": 1100, "height": 1000})
+    page = context.new_page()
+    outside = confined(page, served_page)
+    errors: list[str] = []
     page.on("pageerror", lambda error: errors.append(str(error)))
     page.goto(served_page.http_url + "/")
     page.wait_for_selector("body[data-ready=true]")
@@ -196,17 +202,7 @@ def test_the_api_docs_render_offline(
 ) -> None:
     context = browser.new_context()
     page = context.new_page()
-    outside: list[str] = []
-    server = urlsplit(served_page.http_url).netloc
-
-    def only_the_server(route: Any) -> None:
-        if urlsplit(route.request.url).netloc == server:
-            route.continue_()
-        else:
-            outside.append(route.request.url)
-            route.abort()
-
-    page.route("**/*", only_the_server)
+    outside = confined(page, served_page)
     page.goto(served_page.http_url + "/docs")
     page.wait_for_selector(".opblock")
     operations = page.locator(".opblock").count()

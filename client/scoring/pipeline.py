@@ -29,7 +29,14 @@ import numpy.typing as npt
 from mnist_serving.contract import NUM_CLASSES
 
 from ..aio import AsyncMnistClient
-from ..client import DEFAULT_RETRY, DEFAULT_TIMEOUT, RetryPolicy
+from ..client import (
+    BATCH,
+    DEFAULT_RETRY,
+    DEFAULT_TIMEOUT,
+    Priority,
+    RetryPolicy,
+    check_priority,
+)
 from ..codec import Prediction
 from ..errors import InputFileError, MnistError
 from ..inputs import ArraySource, Source
@@ -149,10 +156,14 @@ class JobSettings:
     # Consecutive failed batches after which the job stops (the server is likely gone):
     # what was written stays valid and `--resume` goes on from there.
     give_up_after: int = 0  # 0: 2 * concurrency + 2
+    # The class every call declares: a scoring job is bulk work, which the server keeps
+    # behind online callers ("online" to compete with them; None to declare none).
+    priority: Priority | None = BATCH
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.concurrency < 1:
             raise ValueError("batch size and concurrency must be at least 1")
+        check_priority(self.priority)
 
 
 @dataclass
@@ -173,6 +184,7 @@ def _open_client(settings: JobSettings, batch_size: int) -> AsyncMnistClient:
         max_images_per_request=batch_size,
         retry=settings.retry,
         connections=settings.connections,
+        priority=settings.priority,
     )
 
 
@@ -342,11 +354,19 @@ async def score_async(
     timeout: float | None = DEFAULT_TIMEOUT,
     credentials: grpc.ChannelCredentials | None = None,
     retry: RetryPolicy = DEFAULT_RETRY,
+    priority: Priority | None = BATCH,
 ) -> ScoreStats:
     """Score `images` through the server at `target`; see `score`."""
     source = ArraySource("images", images)
     settings = JobSettings(
-        target, batch_size, concurrency, model_version, timeout, credentials, retry
+        target,
+        batch_size,
+        concurrency,
+        model_version,
+        timeout,
+        credentials,
+        retry,
+        priority=priority,
     )
     probabilities = np.full((len(source), NUM_CLASSES), np.nan, np.float32)
     classes = np.full(len(source), -1, np.int64)
@@ -379,7 +399,8 @@ def score(
     """Classify every image through the server at `target`, `concurrency` requests of
     `batch_size` images in flight; failed batches are listed in `failed_ranges`, their
     rows are -1 in `classes` and NaN in `probabilities`. Timing covers the RPCs only
-    (not channel set-up). Options: model_version, timeout, credentials, retry."""
+    (not channel set-up). Options: model_version, timeout, credentials, retry, priority
+    (the calls' class, "batch" unless told)."""
     return asyncio.run(
         score_async(target, images, batch_size=batch_size, concurrency=concurrency, **options)
     )

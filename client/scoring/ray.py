@@ -39,7 +39,15 @@ import numpy.typing as npt
 from mnist_serving.contract import NUM_CLASSES
 
 from ..aio import AsyncMnistClient
-from ..client import DEFAULT_RETRY, DEFAULT_TIMEOUT, RetryPolicy, tls_credentials
+from ..client import (
+    BATCH,
+    DEFAULT_RETRY,
+    DEFAULT_TIMEOUT,
+    Priority,
+    RetryPolicy,
+    check_priority,
+    tls_credentials,
+)
 from ..codec import Prediction
 from ..errors import InputFileError, NotFound, Unavailable
 from ..inputs import ArraySource
@@ -78,8 +86,10 @@ class RayJobSettings:
     address: str | None = None  # an existing cluster; None: a local instance
     num_cpus: int | None = None  # of the local instance (None: all cores)
     progress: bool = True  # Ray Data's progress bars
+    priority: Priority | None = BATCH  # the class every call declares (see JobSettings)
 
     def __post_init__(self) -> None:
+        check_priority(self.priority)
         if not self.targets:
             raise ValueError("at least one target is needed")
         if min(self.batch_size, self.concurrency, self.images_per_shard) < 1 or self.actors < 0:
@@ -207,6 +217,7 @@ def run_ray_job(
             client_key=settings.client_key,
             read=settings.read,
             output=output,
+            priority=settings.priority,
         )
         outcomes, actors = _run_on_ray(settings, worker, todo)
     elapsed = time.perf_counter() - started
@@ -308,6 +319,7 @@ def _client(
         max_images_per_request=batch_size,
         retry=settings.retry,
         load_balancing="round_robin" if target.startswith("dns:") else None,
+        priority=settings.priority,
     )
 
 
@@ -426,6 +438,7 @@ class WorkerSettings:
     client_key: bytes | None
     read: ReadOptions
     output: str
+    priority: Priority | None
 
 
 class RoundRobin:
