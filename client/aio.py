@@ -16,7 +16,14 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from mnist_serving.protos.mnist.v1 import predict_pb2, predict_pb2_grpc
 
-from .client import SERVICE_NAME, ClientSettings, Priority, predict_request, status_name
+from .client import (
+    SERVICE_NAME,
+    ClientSettings,
+    Priority,
+    answered_by,
+    predict_request,
+    status_name,
+)
 from .codec import Prediction, as_batch, decode_prediction
 from .errors import from_rpc_error
 from .metadata import ModelMetadata
@@ -47,24 +54,27 @@ class AsyncMnistClient(ClientSettings):
         model_version: int = 0,
         timeout: float | None = None,
         priority: Priority | None = None,
+        request_id: str | None = None,
     ) -> Prediction:
         batch = as_batch(images)
-        metadata = self._metadata(priority)
+        metadata = self._metadata(priority, request_id)
         parts: list[Prediction] = []
         version = model_version
         for start in range(0, len(batch), self.max_images_per_request):
             chunk = batch[start : start + self.max_images_per_request]
             request = predict_request(chunk, self.model_name, version)
             try:
-                response = await self._next(self._stubs).Predict(
+                call = self._next(self._stubs).Predict(
                     request,
                     timeout=self._timeout(timeout),
                     metadata=metadata,
                     wait_for_ready=self.wait_for_ready,
                 )
+                response = await call
+                trailing = await call.trailing_metadata()
             except grpc.RpcError as error:
                 raise from_rpc_error(error) from error
-            parts.append(decode_prediction(response, len(chunk)))
+            parts.append(answered_by(decode_prediction(response, len(chunk)), trailing))
             version = version or parts[-1].model_version
         return Prediction.concatenate(parts)
 

@@ -8,6 +8,7 @@ probe reports what it sees.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import logging
@@ -25,8 +26,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from mnist_serving.protos.mnist.v1 import predict_pb2, predict_pb2_grpc
 
 from .codec import PIXELS, Prediction, as_batch, decode_prediction, encode_images
-from .errors import from_rpc_error
+from .errors import REQUEST_ID_METADATA, from_rpc_error, request_id_in
 from .metadata import ModelMetadata
+from .tracing import trace_metadata
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -126,6 +128,14 @@ def predict_request(
     )
 
 
+def answered_by(prediction: Prediction, trailing_metadata: object) -> Prediction:
+    """`prediction` with the request ID its RPC's trailing metadata carried, if any."""
+    request_id = request_id_in(trailing_metadata)
+    if request_id is None:
+        return prediction
+    return dataclasses.replace(prediction, request_ids=(request_id,))
+
+
 def tls_credentials(
     ca_cert: Path | bytes | None = None,
     client_cert: Path | bytes | None = None,
@@ -221,10 +231,18 @@ class ClientSettings:
     def _timeout(self, timeout: float | None) -> float | None:
         return self.timeout if timeout is None else timeout
 
-    def _metadata(self, priority: Priority | None = None) -> tuple[tuple[str, str], ...] | None:
-        """The call's metadata: its priority class (`priority`, else the client's), if any."""
+    def _metadata(
+        self, priority: Priority | None = None, request_id: str | None = None
+    ) -> tuple[tuple[str, str], ...] | None:
+        """The call's metadata: its priority class (`priority`, else the client's), its
+        request ID, and the current trace context (with OpenTelemetry), if any."""
         declared = check_priority(priority) or self.priority
-        return None if declared is None else ((PRIORITY_METADATA, declared),)
+        metadata: tuple[tuple[str, str], ...] = (
+            () if declared is None else ((PRIORITY_METADATA, declared),)
+        )
+        if request_id is not None:
+            metadata += ((REQUEST_ID_METADATA, request_id),)
+        return metadata + trace_metadata() or None
 
 
 class MnistClient(ClientSettings):
@@ -259,22 +277,24 @@ class MnistClient(ClientSettings):
         model_version: int = 0,
         timeout: float | None = None,
         priority: Priority | None = None,
+        request_id: str | None = None,
     ) -> Prediction:
         """Classify images (see `as_batch` for accepted shapes and dtypes), in input order.
 
         `model_version` 0 means the newest version; the parts of a split call are all pinned
         to the version that answered the first part, so one call never mixes versions.
-        `priority` declares this call's class instead of the client's.
+        `priority` declares this call's class instead of the client's. `request_id` is sent
+        as x-request-id (else the server makes one); the answer's `request_ids` say which.
         """
         batch = as_batch(images)
-        metadata = self._metadata(priority)
+        metadata = self._metadata(priority, request_id)
         parts: list[Prediction] = []
         version = model_version
         for start in range(0, len(batch), self.max_images_per_request):
             chunk = batch[start : start + self.max_images_per_request]
             request = predict_request(chunk, self.model_name, version)
             try:
-                response = self._next(self._stubs).Predict(
+                response, call = self._next(self._stubs).Predict.with_call(
                     request,
                     timeout=self._timeout(timeout),
                     metadata=metadata,
@@ -282,7 +302,9 @@ class MnistClient(ClientSettings):
                 )
             except grpc.RpcError as error:
                 raise from_rpc_error(error) from error
-            parts.append(decode_prediction(response, len(chunk)))
+            parts.append(
+                answered_by(decode_prediction(response, len(chunk)), call.trailing_metadata())
+            )
             version = version or parts[-1].model_version
         return Prediction.concatenate(parts)
 

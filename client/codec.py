@@ -28,11 +28,18 @@ class Prediction:
     """Per image, in input order: `probabilities` float32 [N, 10], `classes` int64 [N].
 
     `model_version` is the version that answered (all parts of a split call are pinned to it).
+    `request_ids` are the server's IDs of the RPCs that answered, one per part of a split
+    call (empty for a server that sends none); `request_id` is the first.
     """
 
     probabilities: npt.NDArray[np.float32]
     classes: npt.NDArray[np.int64]
     model_version: int
+    request_ids: tuple[str, ...] = ()
+
+    @property
+    def request_id(self) -> str | None:
+        return self.request_ids[0] if self.request_ids else None
 
     def __len__(self) -> int:
         return len(self.classes)
@@ -50,6 +57,7 @@ class Prediction:
             probabilities=np.concatenate([p.probabilities for p in parts]),
             classes=np.concatenate([p.classes for p in parts]),
             model_version=parts[0].model_version,
+            request_ids=tuple(i for p in parts for i in p.request_ids),
         )
 
 

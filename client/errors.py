@@ -7,10 +7,15 @@ from __future__ import annotations
 
 import grpc
 
+REQUEST_ID_METADATA = "x-request-id"
+
 
 class MnistError(Exception):
     """Any failed call: `.code` is the gRPC status (None for client-side faults), `.details`
-    the server's (or the client's) message."""
+    the server's (or the client's) message, `.request_id` the server's ID of the call (None
+    when the server sent none: it never answered, or the fault is the client's)."""
+
+    request_id: str | None = None
 
     def __init__(self, details: str, code: grpc.StatusCode | None = None) -> None:
         super().__init__(details)
@@ -69,4 +74,15 @@ def from_rpc_error(error: grpc.RpcError) -> MnistError:
     """The typed exception for a failed call (works for sync and grpc.aio errors)."""
     code: grpc.StatusCode = error.code()
     details: str = error.details() or code.name
-    return _BY_CODE.get(code, MnistError)(details, code)
+    typed = _BY_CODE.get(code, MnistError)(details, code)
+    trailing = getattr(error, "trailing_metadata", None)
+    typed.request_id = request_id_in(trailing() if callable(trailing) else None)
+    return typed
+
+
+def request_id_in(metadata: object) -> str | None:
+    """The x-request-id a server sent in `metadata` (key-value pairs), if any."""
+    for key, value in metadata or ():  # type: ignore[attr-defined]
+        if key == REQUEST_ID_METADATA:
+            return value if isinstance(value, str) else value.decode("ascii", "replace")
+    return None
