@@ -252,7 +252,11 @@ async def test_the_async_client_exposes_the_request_id_of_answers_and_errors(
 def test_log_lines_about_a_call_carry_its_request_id(logged: tuple[ServerProcess, Path]) -> None:
     server = logged[0]
     with grpc.insecure_channel(server.target) as channel:
-        predict = channel.unary_unary("/mnist.v1.MnistService/Predict")
+        predict = channel.unary_unary(
+            "/mnist.v1.MnistService/Predict",
+            request_serializer=None,
+            response_deserializer=None,
+        )
         with pytest.raises(grpc.RpcError) as refused:
             predict(b"\xff\xff not a message", metadata=(("x-request-id", "garbled-7"),))
     assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
