@@ -131,7 +131,7 @@ class CallPath:
         if tracing.tracer is not None:
             span, span_token = tracing.start_call_span(
                 span_name or stats.span_name,
-                {**stats.span_attributes, **(attributes or {})},
+                {**stats.span_attributes, **(attributes or {}), "mnist.request_id": request_id},
                 carrier or {},
             )
             call.span = span
