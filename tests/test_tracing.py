@@ -51,7 +51,7 @@ class Receiver(trace_service_pb2_grpc.TraceServiceServicer):
         self.resources: list[dict[str, str]] = []
         self._arrived = threading.Condition()
         self.server = grpc.server(ThreadPoolExecutor(max_workers=2))
-        trace_service_pb2_grpc.add_TraceServiceServicer_to_server(self, self.server)
+        trace_service_pb2_grpc.add_TraceServiceServicer_to_server(self, self.server)  # type: ignore[no-untyped-call]
         self.port = self.server.add_insecure_port("127.0.0.1:0")
         self.server.start()
 
