@@ -51,6 +51,7 @@ from ..client import (
 from ..codec import Prediction
 from ..errors import InputFileError, NotFound, Unavailable
 from ..inputs import ArraySource
+from ..tracing import attached, trace_metadata
 from .outputs import prediction_table
 from .pipeline import DEFAULT_BATCH_SIZE, DEFAULT_CONCURRENCY, batch_ranges, scored_batches
 from .report import confusion_matrix
@@ -218,6 +219,7 @@ def run_ray_job(
             read=settings.read,
             output=output,
             priority=settings.priority,
+            trace_context=trace_metadata(),
         )
         outcomes, actors = _run_on_ray(settings, worker, todo)
     elapsed = time.perf_counter() - started
@@ -439,6 +441,8 @@ class WorkerSettings:
     read: ReadOptions
     output: str
     priority: Priority | None
+    # The driver's trace context (OpenTelemetry): the actors' calls join the driver's trace.
+    trace_context: tuple[tuple[str, str], ...] = ()
 
 
 class RoundRobin:
@@ -529,7 +533,8 @@ class ShardScorer:
         probabilities = np.full((count, NUM_CLASSES), np.nan, np.float32)
         answered = np.array([i for i in range(count) if i not in data.errors], np.int64)
         if len(answered):
-            found = self.loop.run_until_complete(self._predict(shard, data.images))
+            with attached(self.settings.trace_context):
+                found = self.loop.run_until_complete(self._predict(shard, data.images))
             classes[answered], probabilities[answered] = found
         version = self.settings.model_version
         table = prediction_table(
