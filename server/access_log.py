@@ -46,13 +46,25 @@ class Record(NamedTuple):
 
 
 def line_of(record: Record) -> str:
-    fields = record._asdict()
-    fields["time"] = (
-        datetime.fromtimestamp(record.time, timezone.utc).isoformat(timespec="milliseconds")
-    ).replace("+00:00", "Z")
-    fields["duration_ms"] = round(fields.pop("duration") * 1000, 3)
-    if not record.http_status:
-        del fields["http_status"]
+    stamp = datetime.fromtimestamp(record.time, timezone.utc).isoformat(timespec="milliseconds")
+    fields: dict[str, object] = {
+        "time": stamp.replace("+00:00", "Z"),
+        "request_id": record.request_id,
+        "caller": record.caller,
+        "api": record.api,
+        "method": record.method,
+        "status": record.status,
+    }
+    if record.http_status:
+        fields["http_status"] = record.http_status
+    fields.update(
+        duration_ms=round(record.duration * 1000, 3),
+        images=record.images,
+        model_version=record.model_version,
+        priority=record.priority,
+        trace_id=record.trace_id,
+        peer=record.peer,
+    )
     return json.dumps(fields, separators=(",", ":")) + "\n"
 
 
