@@ -35,6 +35,8 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.trace import SpanContext
 
 from mnist_serving.client import AsyncMnistClient
+from mnist_serving.client.scoring.pipeline import score_async
+from mnist_serving.client.tracing import attached, trace_metadata
 
 from .support import ServerProcess
 
@@ -253,3 +255,38 @@ def test_http_calls_get_a_server_span_under_the_callers_traceparent(
     if status == 200:
         names = [s.name for s in children(spans, span)]
         assert sorted(names) == ["batch queue", "model call"]  # one request: the model's child
+
+
+async def test_the_scoring_engine_calls_join_the_callers_trace(
+    traced: ServerProcess, receiver: Receiver
+) -> None:
+    tracer = TracerProvider().get_tracer("test")
+    with tracer.start_as_current_span("scoring job") as job:
+        stats = await score_async(
+            traced.target, np.zeros((6, 784), np.uint8), batch_size=2, concurrency=2
+        )
+    assert stats.failed_ranges == []
+    trace_id, parent_id = ids(job.get_span_context())
+
+    def ours(spans: list[trace_pb2.Span]) -> list[trace_pb2.Span]:
+        return [s for s in spans if s.kind == SERVER and s.trace_id == trace_id]
+
+    spans = receiver.wait_for(lambda spans: len(ours(spans)) >= 3, "the scoring job's calls")
+    assert [s.parent_span_id for s in ours(spans)] == [parent_id] * 3
+
+
+def test_the_ray_actors_attach_the_drivers_trace_context() -> None:
+    """What the Ray engine carries to its actors (WorkerSettings.trace_context) makes the
+    driver's span current again there, so the actors' calls carry its traceparent."""
+    tracer = TracerProvider().get_tracer("test")
+    assert trace_metadata() == ()  # outside any span: nothing to send
+    with tracer.start_as_current_span("driver") as driver:
+        carried = trace_metadata()
+    context = driver.get_span_context()
+    assert dict(carried)["traceparent"].startswith(
+        f"00-{context.trace_id:032x}-{context.span_id:016x}-"
+    )
+    assert trace_metadata() == ()
+    with attached(carried):
+        assert trace_metadata() == carried
+    assert trace_metadata() == ()
