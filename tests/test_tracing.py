@@ -290,3 +290,37 @@ def test_the_ray_actors_attach_the_drivers_trace_context() -> None:
     with attached(carried):
         assert trace_metadata() == carried
     assert trace_metadata() == ()
+
+
+def test_the_sampler_is_set_by_the_standard_variables(
+    tiny_model_dir: Path, receiver: Receiver
+) -> None:
+    """parentbased_traceidratio at 0: a call without a parent is never sampled, a call
+    whose caller sampled its trace always is."""
+    server = ServerProcess(
+        tiny_model_dir,
+        "--poll-interval", "0", "--tracing",
+        env={
+            "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{receiver.port}",
+            "OTEL_EXPORTER_OTLP_INSECURE": "true",
+            "OTEL_BSP_SCHEDULE_DELAY": "50",
+            "OTEL_TRACES_SAMPLER": "parentbased_traceidratio",
+            "OTEL_TRACES_SAMPLER_ARG": "0",
+        },
+    )  # fmt: skip
+    with server, grpc.insecure_channel(server.target) as channel:
+        metadata = channel.unary_unary(
+            "/mnist.v1.MnistService/GetModelMetadata",
+            request_serializer=None,
+            response_deserializer=None,
+        )
+        metadata(b"", metadata=(("x-request-id", "unsampled"),), timeout=30)
+        sampled = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+        metadata(b"", metadata=(("x-request-id", "sampled"), ("traceparent", sampled)), timeout=30)
+        # Spans are exported in the order they end: once the second call's span is in,
+        # the first one's would be too.
+        spans = receiver.wait_for(
+            lambda spans: server_span_of(spans, "sampled") is not None, "the sampled call"
+        )
+    assert server.process.returncode == 0, server.log
+    assert server_span_of(spans, "unsampled") is None
