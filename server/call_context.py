@@ -9,7 +9,8 @@ nothing of the server but its errors.
 
 from __future__ import annotations
 
-import uuid
+import itertools
+import os
 from contextvars import ContextVar, Token
 from dataclasses import dataclass
 from typing import Any, Literal, get_args
@@ -32,7 +33,6 @@ OK = grpc.StatusCode.OK
 REQUEST_ID_METADATA = "x-request-id"
 REQUEST_ID_HEADER = "X-Request-Id"
 MAX_REQUEST_ID = 128
-_PRINTABLE = frozenset(range(0x20, 0x7F))
 
 
 @dataclass(slots=True)
@@ -113,10 +113,24 @@ def request_id_of(value: object) -> str:
         isinstance(value, str)
         and 0 < len(value) <= MAX_REQUEST_ID
         and value.isascii()
-        and _PRINTABLE.issuperset(value.encode())
+        and value.isprintable()
     ):
         return value
-    return uuid.uuid4().hex
+    return f"{_id_prefix}{next(_id_counter):016x}"
+
+
+# New IDs: 64 random bits per process, then a counter (a uuid4 costs several times more,
+# on every call that brings no ID of its own). A forked child draws its own prefix.
+def _new_id_source() -> None:
+    global _id_prefix, _id_counter
+    _id_prefix = os.urandom(8).hex()
+    _id_counter = itertools.count()
+
+
+_id_prefix = ""
+_id_counter = itertools.count()
+_new_id_source()
+os.register_at_fork(after_in_child=_new_id_source)
 
 
 def current_request_id() -> str:
