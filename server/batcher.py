@@ -19,12 +19,15 @@ rest of) their images reach the model. Each class's queue is bounded in images; 
 new requests of that class are refused at once (load shedding), so a batch job that fills
 its queue never takes the room online calls have.
 
-A model that answers a few images in microseconds (LiteRT) may take them inline: when
-the model is idle, no online request waits and batch_timeout is 0, an online request of at
-most inline_max_images would form a batch by itself and run at once anyway, so it is
-predicted right there on the event loop, without the queue, the future and the thread hop
-(which cost more than the call). Order is kept (no online request is waiting that it could
-overtake), and so are deadlines, shedding and the metrics.
+A model that answers a few images in microseconds (LiteRT) may take them inline: when no
+online request waits, the model is not running online work and batch_timeout is 0, an
+online request of at most inline_max_images would form a batch by itself and run next
+anyway, so it is predicted right there on the event loop, without the queue, the future and
+the thread hop (which cost more than the call). Order is kept (no online request is waiting
+that it could overtake), and so are deadlines, shedding and the metrics. While a batch
+chunk is in the model, such a request runs beside it (a LiteRT model keeps an interpreter
+per caller, and the chunk's call releases the GIL): an online call then waits for no batch
+work at all. While the model runs online work, requests queue and merge as before.
 """
 
 from __future__ import annotations
@@ -102,7 +105,7 @@ class Batcher:
         self.chunk = min(batch_chunk_images or max_batch_size, max_batch_size)
         self.batch_every = max(1, batch_every)
         self.inline_max_images = min(inline_max_images, max_batch_size) if timeout == 0 else 0
-        self._busy = False  # a batch is in the model
+        self._running: Priority | None = None  # the class of the work in the model
         self._queues: dict[Priority, deque[_Request]] = {p: deque() for p in PRIORITIES}
         self._queued: dict[Priority, int] = dict.fromkeys(PRIORITIES, 0)  # images
         self._online_streak = 0  # online model calls in a row while batch work waited
@@ -131,7 +134,12 @@ class Batcher:
                 f"limit {limit}); retry with backoff"
             )
         online = self._queues[ONLINE]
-        if priority == ONLINE and count <= self.inline_max_images and not self._busy and not online:
+        if (
+            priority == ONLINE
+            and count <= self.inline_max_images
+            and self._running != ONLINE
+            and not online
+        ):
             check_deadline(deadline)
             self._waited[ONLINE].observe(0.0)  # every request has a wait sample
             return run_inline(self._predict, images, traced=True)
@@ -238,7 +246,7 @@ class Batcher:
             if len(parts) == 1
             else np.concatenate([p.request.images[p.start : p.stop] for p in parts])
         )
-        self._busy = True
+        self._running = parts[0].request.priority  # a call holds one class's work
         span = None
         if tracing.tracer is not None:  # one span, linked to every request it answers
             span = tracing.start_model_span((p.request.span for p in parts), len(images))
@@ -250,7 +258,7 @@ class Batcher:
                     part.request.future.set_exception(error)
             return
         finally:
-            self._busy = False
+            self._running = None
             if span is not None:
                 span.end()
         start = 0

@@ -392,7 +392,12 @@ def test_tf_serving_methods_this_server_lacks_are_counted_unimplemented(
 ) -> None:
     key = (
         "mnist_requests_total",
-        (("api", "tfserving"), ("code", "UNIMPLEMENTED"), ("method", "Classify")),
+        (
+            ("api", "tfserving"),
+            ("code", "UNIMPLEMENTED"),
+            ("method", "Classify"),
+            ("priority", "online"),
+        ),
     )
     before = scrape(server).get(key, 0.0)
     code, details = call(channel, "/tensorflow.serving.PredictionService/Classify", b"")

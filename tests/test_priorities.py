@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import json
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -28,6 +29,7 @@ from mnist_serving.protos.mnist.v1 import predict_pb2_grpc
 from mnist_serving.server.batcher import Batcher
 from mnist_serving.server.call_context import BATCH, ONLINE
 from mnist_serving.server.errors import DeadlineExpired, Overloaded
+from mnist_serving.server.runtimes import Prediction
 
 from .support import ServerProcess, scrape
 from .test_batcher import RecordingModel, holding, tagged
@@ -175,6 +177,49 @@ async def test_a_batch_request_whose_deadline_passes_between_chunks_is_dropped()
     with pytest.raises(DeadlineExpired):
         await late
     assert model.calls == [4]
+    await batcher.close()
+
+
+class BigCallsHeldModel(TagRecordingModel):
+    """Holds only calls of `held_from` images or more (batch chunks); small ones answer at
+    once, on whichever thread calls."""
+
+    def __init__(self, held_from: int) -> None:
+        super().__init__()
+        self.held_from = held_from
+        self.big = threading.Event()
+
+    def __call__(self, images: np.ndarray) -> Any:
+        if len(images) >= self.held_from:
+            self.big.set()
+            assert self.release.wait(60)
+        self.entered.set()
+        self.calls.append(len(images))
+        self.tags.append(sorted({int(t) for t in images[:, 0, 0]}))
+        classes = images[:, 0, 0].astype(np.int64) % 10
+        return Prediction(np.eye(10, dtype=np.float32)[classes], classes)
+
+
+async def test_a_small_online_request_runs_beside_a_batch_chunk_instead_of_after_it() -> None:
+    model = BigCallsHeldModel(held_from=4)
+    batcher = Batcher(
+        model,
+        ThreadPoolExecutor(max_workers=1),
+        timeout=0.0,
+        max_batch_size=8,
+        max_queued_images=64,
+        inline_max_images=2,
+        batch_chunk_images=4,
+    )
+    model.release.clear()
+    batch = asyncio.ensure_future(batcher.submit(tagged(1, 8), priority=BATCH))
+    assert await asyncio.to_thread(model.big.wait, 60)  # a chunk holds the inference thread
+    online = await batcher.submit(tagged(2))  # answered while the chunk is still held
+    assert online.classes.tolist() == [2]
+    assert model.tags == [[2]]
+    model.release.set()
+    assert (await batch).classes.tolist() == [1] * 8
+    assert model.tags == [[2], [1], [1]]
     await batcher.close()
 
 

@@ -496,7 +496,7 @@ def test_calls_are_counted_in_the_same_metrics_labelled_tfserving(
     assert after[images] - before.get(images, 0.0) == 8
     duration = (
         "mnist_request_duration_seconds_count",
-        (("api", "tfserving"), ("method", "Predict")),
+        (("api", "tfserving"), ("method", "Predict"), ("priority", "online")),
     )
     assert after[duration] - before.get(duration, 0.0) == 4
 

@@ -34,7 +34,8 @@ class Model(Protocol):
     # Serving's GetModelMetadata reports.
     signature_defs: dict[str, Any]
     # Batches of at most this many images may be predicted on the event loop's own thread
-    # (cheaper than a thread hop when the call takes microseconds); 0: never.
+    # (cheaper than a thread hop when the call takes microseconds), also while another call
+    # runs on the inference thread; 0: never.
     inline_max_images: int
 
     def predict(self, images: np.ndarray) -> Prediction:
