@@ -1,0 +1,160 @@
+"""`python -m bench.observability --model-dir DIR`: what the access log and tracing cost,
+ratios side by side in one run.
+
+One server per setting, the same load on each (single images from `--clients` clients;
+batch-256 requests from 4 clients), each figure divided by the same figure with both off:
+  O0a/O0b  both off again, run last: how far two identical runs differ on this machine
+  O1/O2  --access-log FILE at sample rate 1.0 (every call a line)
+  O3/O4  --tracing, sampler always on (every call 3+ spans, exported over OTLP/gRPC)
+  O5/O6  --tracing, parentbased_traceidratio at 0.01 (1 % of the calls traced)
+Spans go to an OTLP/gRPC receiver in this process that counts them and answers at once
+(the load of a collector on the same machine). Read the ratios, not the absolute figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from mnist_serving.server.launcher import ServerProcess
+
+from .harness import Row, Stats, load, print_table, row, write_json
+
+BATCH = 256
+BATCH_CLIENTS = 4
+
+
+class SpanSink:
+    """An OTLP/gRPC trace receiver on a free loopback port that only counts spans."""
+
+    def __init__(self) -> None:
+        from opentelemetry.proto.collector.trace.v1 import (
+            trace_service_pb2,
+            trace_service_pb2_grpc,
+        )
+
+        self.spans = 0
+        lock = threading.Lock()
+        answer = trace_service_pb2.ExportTraceServiceResponse()
+        sink = self
+
+        class Servicer(trace_service_pb2_grpc.TraceServiceServicer):
+            def Export(self, request: Any, context: Any) -> Any:
+                count = sum(
+                    len(scope.spans)
+                    for resource in request.resource_spans
+                    for scope in resource.scope_spans
+                )
+                with lock:
+                    sink.spans += count
+                return answer
+
+        self.server = grpc.server(ThreadPoolExecutor(max_workers=2))
+        trace_service_pb2_grpc.add_TraceServiceServicer_to_server(  # type: ignore[no-untyped-call]
+            Servicer(), self.server
+        )
+        self.port = self.server.add_insecure_port("127.0.0.1:0")
+        self.server.start()
+
+    def stop(self) -> None:
+        self.server.stop(0)
+
+
+def run(args: argparse.Namespace) -> list[Row]:
+    sink = SpanSink()
+    folder = Path(tempfile.mkdtemp(prefix="mnist-bench-access-"))
+    otlp = {
+        "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{sink.port}",
+        "OTEL_EXPORTER_OTLP_INSECURE": "true",
+    }
+    settings: dict[str, tuple[list[str], dict[str, str]]] = {
+        "off": ([], {}),
+        "access log 1.0": (["--access-log", str(folder / "access.jsonl")], {}),
+        "tracing always on": (
+            ["--tracing"],
+            {**otlp, "OTEL_TRACES_SAMPLER": "always_on"},
+        ),
+        "tracing 1 %": (
+            ["--tracing"],
+            {
+                **otlp,
+                "OTEL_TRACES_SAMPLER": "parentbased_traceidratio",
+                "OTEL_TRACES_SAMPLER_ARG": "0.01",
+            },
+        ),
+        "off again": ([], {}),  # the noise floor: the same server as the first, run last
+    }
+    single: dict[str, Stats] = {}
+    batch: dict[str, Stats] = {}
+    try:
+        for name, (flags, env) in settings.items():
+            server = ServerProcess(args.model_dir, "--poll-interval", "0", *flags, env=env)
+            try:
+                print(f"{name}: 1 image, {args.clients} clients ...", file=sys.stderr)
+                single[name] = load(server.target, 1, args.clients, args.seconds, connections=4)
+                print(f"{name}: batch {BATCH}, {BATCH_CLIENTS} clients ...", file=sys.stderr)
+                batch[name] = load(server.target, BATCH, BATCH_CLIENTS, args.seconds)
+            finally:
+                server.stop()
+    finally:
+        sink.stop()
+    print(f"  spans received: {sink.spans}", file=sys.stderr)
+    lines = folder / "access.jsonl"
+    if lines.exists():
+        with lines.open() as written:
+            print(f"  access log lines written: {sum(1 for _ in written)}", file=sys.stderr)
+        lines.unlink()
+    folder.rmdir()
+    targets = {
+        "off again": None,
+        "access log 1.0": 0.9,
+        "tracing always on": None,
+        "tracing 1 %": 0.95,
+    }
+    names = {"off again": ("O0a", "O0b"), "access log 1.0": ("O1", "O2")}
+    names.update({"tracing always on": ("O3", "O4"), "tracing 1 %": ("O5", "O6")})
+    rows: list[Row] = []
+    off_single, off_batch = single["off"], batch["off"]
+    for name, target in targets.items():
+        first, second = names[name]
+        rows.append(
+            row(first, f"{name}: 1 image, {args.clients} clients: req/s / off req/s",
+                single[name], "both off", off_single,
+                single[name]["req_per_s"] / off_single["req_per_s"], target)
+        )  # fmt: skip
+        rows.append(
+            row(second, f"{name}: batch-{BATCH} uint8, {BATCH_CLIENTS} clients: images/s / "
+                "off images/s", batch[name], "both off", off_batch,
+                batch[name]["images_per_s"] / off_batch["images_per_s"], target)
+        )  # fmt: skip
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.observability", description=__doc__)
+    parser.add_argument("--model-dir", type=Path, required=True, help="e.g. models/mnist")
+    parser.add_argument("--clients", type=int, default=64, help="single-image clients")
+    parser.add_argument("--seconds", type=float, default=5.0, help="measured time per run")
+    parser.add_argument("--json", type=Path, help="also write one JSON object per row here")
+    args = parser.parse_args(argv)
+    settings = {
+        "seconds_per_run": args.seconds,
+        "clients": args.clients,
+        "usable_cpus": len(os.sched_getaffinity(0)),
+    }
+    rows = run(args)
+    print_table(rows, settings)
+    if args.json:
+        write_json(args.json, rows, settings)
+
+
+if __name__ == "__main__":
+    main()
