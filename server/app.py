@@ -4,8 +4,8 @@ port on the same event loop (REST APIs, /metrics), shutdown."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -44,6 +44,10 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 # then get before gRPC cancels them.
 QUIET_SECONDS = 0.1
 STREAM_GRACE_SECONDS = 1.0
+# After SIGTERM the server admits calls until none has arrived for QUIET_SECONDS, at most
+# this long after the signal (or the drain delay, if longer): calls a client sent before
+# the signal are answered, not refused (see Admission.settle; README, "Shutdown").
+SETTLE_SECONDS = 1.0
 
 
 def grpc_options(settings: Settings, *, shared_port: bool = False) -> list[tuple[str, Any]]:
@@ -239,11 +243,13 @@ class ModelServer:
         self._drain_over.set()
 
     async def stop(self, grace: float | None = None) -> None:
-        """Say NOT_SERVING; keep answering for the drain delay; then refuse new calls
-        (UNAVAILABLE, HTTP 503) and let admitted ones finish within `grace`."""
+        """Say NOT_SERVING; keep answering for the drain delay and until the calls sent
+        before the signal have arrived; then refuse new calls (UNAVAILABLE, HTTP 503) and
+        let admitted ones finish within `grace`."""
         if self._stopping:
             return
         self._stopping = True
+        signalled = time.monotonic()
         grace = self.settings.grace_period if grace is None else grace
         drain = self.settings.drain_delay
         logger.info("shutting down", extra={"drain_seconds": drain, "grace_seconds": grace})
@@ -252,9 +258,8 @@ class ModelServer:
         if self._poller is not None:
             self._poller.cancel()  # also abandons a load in progress: see registry.loading
             await asyncio.gather(self._poller, return_exceptions=True)
-        if drain > 0 and self._serving:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._drain_over.wait(), drain)
+        if self._serving:
+            await self._keep_admitting(signalled, drain)
         logger.info("refusing new calls", extra={"in_flight": self.admission.in_flight})
         cut = await self.admission.drain(grace, QUIET_SECONDS)
         if cut:
@@ -270,6 +275,21 @@ class ModelServer:
         self._inference.shutdown(wait=False)
         self._stopped.set()
         logger.info("stopped")
+
+    async def _keep_admitting(self, signalled: float, drain: float) -> None:
+        """The drain delay, then until the calls sent before the signal have arrived; a
+        second signal (end_drain) ends both."""
+        ended = asyncio.ensure_future(self._drain_over.wait())
+        try:
+            if drain > 0:
+                await asyncio.wait({ended}, timeout=drain)
+            if not ended.done():
+                until = signalled + max(drain, SETTLE_SECONDS)
+                settled = asyncio.ensure_future(self.admission.settle(QUIET_SECONDS, until))
+                await asyncio.wait({ended, settled}, return_when=asyncio.FIRST_COMPLETED)
+                settled.cancel()
+        finally:
+            ended.cancel()
 
     async def wait_stopped(self) -> None:
         await self._stopped.wait()

@@ -13,6 +13,9 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import http.client
+import json
+import signal
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
@@ -37,8 +40,12 @@ SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
+def pixels(count: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, size=(count, 28, 28), dtype=np.uint8)
+
+
 def request(count: int, seed: int = 0) -> pb.PredictRequest:
-    images = np.random.default_rng(seed).integers(0, 256, size=(count, 28, 28), dtype=np.uint8)
+    images = pixels(count, seed)
     return pb.PredictRequest(
         images=pb.Tensor(dtype=pb.DATA_TYPE_UINT8, shape=images.shape, content=images.tobytes())
     )
@@ -94,6 +101,89 @@ def test_sigterm_while_32_clients_call_fails_none_of_their_calls(
     assert "grace period over" not in server.log
 
 
+def stopped(pid: int) -> bool:
+    """Whether the process is stopped (SIGSTOP): the state field of /proc/PID/stat."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return stat.rsplit(")", 1)[1].split()[0] == "T"
+
+
+def unread_bytes(port: int) -> int:
+    """Bytes that arrived on the connections to local `port` and were not read yet."""
+    total = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):  # gRPC listens on IPv4-mapped IPv6
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            local, state, queues = fields[1], fields[3], fields[4]
+            if int(local.rsplit(":", 1)[1], 16) == port and state == "01":  # ESTABLISHED
+                total += int(queues.split(":")[1], 16)
+    return total
+
+
+def test_sigterm_while_calls_are_in_transit_answers_every_call_sent_before_it(
+    tiny_model_dir: Path,
+) -> None:
+    # Default flags. The server process is stopped (SIGSTOP) while the calls are sent, so
+    # that when SIGTERM arrives every call is provably in transit: its bytes are in the
+    # server's sockets, not yet read by gRPC or aiohttp, let alone admitted. The signal
+    # and the calls then reach the server together (SIGCONT). Every one must be answered.
+    server = ServerProcess(tiny_model_dir, "--poll-interval", "0")
+    pid = server.process.pid
+    channels = [
+        grpc.insecure_channel(server.target, options=[("grpc.use_local_subchannel_pool", 1)])
+        for _ in range(16)
+    ]
+    connections = [
+        http.client.HTTPConnection(server.host, server.http_port, timeout=120) for _ in range(8)
+    ]
+    try:
+        stubs = [predict_pb2_grpc.MnistServiceStub(c) for c in channels]
+        for stub in stubs:  # connected, and the connection set up, before the stop
+            assert tuple(stub.Predict(request(1), timeout=60).classes.shape) == (1,)
+        for connection in connections:
+            connection.request("GET", "/v2/health/live")
+            assert connection.getresponse().read() == b'{"live":true}'
+        server.process.send_signal(signal.SIGSTOP)
+        wait_until(lambda: stopped(pid), "the server to stop")
+        sizes = [64, 1]
+        calls = [
+            (images, stub.Predict.future(request(images, i), timeout=120))
+            for i, stub in enumerate(stubs)
+            for images in sizes
+        ]
+        body = json.dumps({"instances": pixels(3).tolist()}).encode()
+        for connection in connections:
+            connection.request(
+                "POST", "/v1/models/mnist:predict", body, {"Content-Type": "application/json"}
+            )
+        grpc_bytes = len(stubs) * sum(sizes) * 784
+        wait_until(lambda: unread_bytes(server.port) >= grpc_bytes, "the gRPC calls to be sent")
+        http_bytes = len(connections) * len(body)
+        wait_until(lambda: unread_bytes(server.http_port) >= http_bytes, "the HTTP calls")
+        server.process.send_signal(signal.SIGTERM)  # pending until the process runs again
+        server.process.send_signal(signal.SIGCONT)
+        answers: collections.Counter[str] = collections.Counter()
+        for images, call in calls:
+            try:
+                shape = tuple(call.result(timeout=120).classes.shape)
+                answers["OK" if shape == (images,) else f"shape {shape}"] += 1
+            except grpc.RpcError as error:
+                answers[error.code().name] += 1
+        for connection in connections:
+            answer = connection.getresponse()
+            answers[f"HTTP {answer.status}"] += 1
+            answer.read()
+        assert answers == {"OK": len(calls), "HTTP 200": len(connections)}, answers
+        assert server.process.wait(120) == 0, server.log
+    finally:
+        for channel in channels:
+            channel.close()
+        for connection in connections:
+            connection.close()
+        if server.process.poll() is None:
+            server.process.send_signal(signal.SIGCONT)
+            server.process.kill()
+
+
 def test_the_drain_delay_keeps_answering_after_health_says_not_serving(
     tiny_model_dir: Path,
 ) -> None:
@@ -147,6 +237,7 @@ async def started(model_dir: Path, **overrides: Any) -> AsyncIterator[Held]:
         "model_dir": model_dir,
         "host": "127.0.0.1",
         "port": 0,
+        "http_port": 0,
         "metrics_port": 0,
         "poll_interval": 0,
         "grace_period": 60,
