@@ -37,8 +37,14 @@ class HttpListener:
         reuse_port: bool = False,
         ssl_context: ssl.SSLContext | None = None,
     ) -> None:
+        # handler_cancellation: a client that hangs up cancels its call's handler, as gRPC
+        # does, so the call is counted CANCELLED and leaves the batch queue.
         self._runner = web.AppRunner(
-            app, access_log=None, handle_signals=False, shutdown_timeout=grace
+            app,
+            access_log=None,
+            handle_signals=False,
+            shutdown_timeout=grace,
+            handler_cancellation=True,
         )
         # Only workers share a port (the kernel spreads connections over them); a lone
         # server must fail on a port that another server holds.

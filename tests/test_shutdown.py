@@ -15,6 +15,7 @@ import collections
 import contextlib
 import http.client
 import json
+import logging
 import signal
 import threading
 import time
@@ -101,6 +102,9 @@ def test_sigterm_while_32_clients_call_fails_none_of_their_calls(
     assert "grace period over" not in server.log
 
 
+PREDICT = "/v1/models/mnist:predict"
+
+
 def stopped(pid: int) -> bool:
     """Whether the process is stopped (SIGSTOP): the state field of /proc/PID/stat."""
     stat = Path(f"/proc/{pid}/stat").read_text()
@@ -152,9 +156,7 @@ def test_sigterm_while_calls_are_in_transit_answers_every_call_sent_before_it(
         ]
         body = json.dumps({"instances": pixels(3).tolist()}).encode()
         for connection in connections:
-            connection.request(
-                "POST", "/v1/models/mnist:predict", body, {"Content-Type": "application/json"}
-            )
+            connection.request("POST", PREDICT, body, {"Content-Type": "application/json"})
         grpc_bytes = len(stubs) * sum(sizes) * 784
         wait_until(lambda: unread_bytes(server.port) >= grpc_bytes, "the gRPC calls to be sent")
         http_bytes = len(connections) * len(body)
@@ -337,6 +339,76 @@ async def test_every_status_a_caller_gets_is_the_one_counted(held: Held) -> None
     assert {code: after[code] - before[code] for code in after if after[code] - before[code]} == (
         dict(seen)
     )
+
+
+def no_errors_logged(caplog: pytest.LogCaptureFixture) -> list[str]:
+    """What the server logged at ERROR, or with a traceback, at any level."""
+    return [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
+
+
+def http_request(path: str, body: bytes, declared: int | None = None) -> bytes:
+    """One HTTP/1.1 POST as bytes, its Content-Length `declared` (the body's by default)."""
+    length = len(body) if declared is None else declared
+    return (
+        f"POST {path} HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {length}\r\n\r\n"
+    ).encode() + body
+
+
+PREDICT_BODY = json.dumps({"instances": pixels(2).tolist()}).encode()
+
+
+async def test_a_grpc_client_that_hangs_up_before_its_answer_is_counted_cancelled(
+    held: Held, caplog: pytest.LogCaptureFixture
+) -> None:
+    before = counted()
+    held.hold_inference()
+    own = grpc.aio.insecure_channel(  # its own connection, to hang up
+        f"127.0.0.1:{held.server.port}", options=[("grpc.use_local_subchannel_pool", 1)]
+    )
+    call = predict_pb2_grpc.MnistServiceStub(own).Predict(request(3))
+    await until(lambda: held.server.admission.in_flight == 1, "the call to be admitted")
+    await own.close(grace=None)  # the connection closes under the call
+    assert await outcome(call) == "CANCELLED"
+    await until(lambda: held.server.admission.in_flight == 0, "the server to drop the call")
+    held.release.set()
+    after = counted()
+    assert {code: after[code] - before[code] for code in after if after[code] > before[code]} == {
+        "CANCELLED": 1
+    }
+    assert no_errors_logged(caplog) == []
+
+
+@pytest.mark.parametrize("when", ["mid-body", "before the answer"])
+async def test_an_http_client_that_hangs_up_is_counted_cancelled_not_internal(
+    held: Held, caplog: pytest.LogCaptureFixture, when: str
+) -> None:
+    before = counted()
+    held.hold_inference()
+    _, writer = await asyncio.open_connection("127.0.0.1", held.server.http_port)
+    if when == "mid-body":  # declares the whole body, sends half of it
+        half = len(PREDICT_BODY) // 2
+        writer.write(http_request(PREDICT, PREDICT_BODY[:half], declared=len(PREDICT_BODY)))
+        await writer.drain()
+        await until(lambda: held.server.admission.in_flight == 1, "the call to be admitted")
+    else:  # the whole request; the call waits for the (held) model
+        writer.write(http_request(PREDICT, PREDICT_BODY))
+        await writer.drain()
+        await until(
+            lambda: held.server.admission.in_flight == 1 and queued() == 0,
+            "the call to reach the model",
+        )
+    writer.close()
+    await writer.wait_closed()
+    await until(lambda: held.server.admission.in_flight == 0, "the server to drop the call")
+    held.release.set()
+    after = counted()
+    assert {code: after[code] - before[code] for code in after if after[code] > before[code]} == {
+        "CANCELLED": 1
+    }
+    assert no_errors_logged(caplog) == []
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) <= 1, warnings
 
 
 async def test_a_call_past_its_deadline_is_counted_as_deadline_exceeded(held: Held) -> None:

@@ -11,6 +11,7 @@ of the outcome.
 from __future__ import annotations
 
 import json
+import logging
 import math
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -18,8 +19,11 @@ from typing import Any
 import grpc
 from aiohttp import web
 
-from ..errors import InvalidInput, RequestTooLarge
+from ..errors import ClientGone, InvalidInput, RequestTooLarge
+from ..logs import RateLimitedLog
 from .calls import Call, CallPath, Failure
+
+logger = logging.getLogger(__name__)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 # A caller's time budget for one call, in milliseconds: TF Serving's REST API has no
@@ -28,6 +32,7 @@ TIMEOUT_HEADER = "X-Request-Timeout-Ms"
 JSON = "application/json"
 # The largest body the app accepts (its client_max_size), for error messages.
 MAX_BODY_BYTES = web.AppKey("max_body_bytes", int)
+HANGUP_LOG_INTERVAL = 10.0  # seconds between log lines about clients that hung up mid-body
 
 
 class RestBinding:
@@ -35,6 +40,7 @@ class RestBinding:
 
     def __init__(self, path: CallPath) -> None:
         self.path = path
+        self._hangup_log = RateLimitedLog(logger, HANGUP_LOG_INTERVAL)
 
     def counted(self, api: str, method: str, impl: Handler) -> Handler:
         """`impl` through the call path as (api, method), its failures answered as JSON."""
@@ -43,7 +49,11 @@ class RestBinding:
 
         async def handle(request: web.Request) -> web.StreamResponse:
             async def answer(call: Call) -> web.StreamResponse:
-                return await impl(request)
+                try:
+                    return await impl(request)
+                except ConnectionResetError:  # aiohttp's ClientConnectionResetError too
+                    self._hangup_log.warning("client hung up mid-request", api=api, method=method)
+                    raise ClientGone("the client closed the connection") from None
 
             outcome = await path.observe(stats, answer, _cancelled)
             if isinstance(outcome, Failure):
