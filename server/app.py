@@ -16,7 +16,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
-from . import tls
+from . import fds, tls
 from .admission import Admission
 from .api import http, native, tfserving, v2
 from .api.calls import CallPath
@@ -24,7 +24,7 @@ from .api.reflection import reflection_pool
 from .api.rpc import RpcBinding
 from .core import InferenceCore
 from .errors import StartupError
-from .listener import HttpListener, metrics_application
+from .listener import ConnectionLimits, HttpListener, metrics_application
 from .settings import Settings
 from .versions import ModelRegistry
 
@@ -50,9 +50,11 @@ STREAM_GRACE_SECONDS = 1.0
 SETTLE_SECONDS = 1.0
 
 
-def grpc_options(settings: Settings, *, shared_port: bool = False) -> list[tuple[str, Any]]:
+def grpc_options(
+    settings: Settings, *, shared_port: bool = False, max_connections: int = 0
+) -> list[tuple[str, Any]]:
     """Message limits, and the connection hygiene that keeps one client from starving the
-    rest (README, "Connection limits")."""
+    rest (README, "Connection limits"). `max_connections`: the port's cap (0: none)."""
 
     def ms(seconds: float) -> int:
         return int(seconds * 1000)
@@ -70,6 +72,9 @@ def grpc_options(settings: Settings, *, shared_port: bool = False) -> list[tuple
         ("grpc.http2.min_ping_interval_without_data_ms", ms(settings.min_ping_interval)),
         ("grpc.http2.max_ping_strikes", 2),
     ]
+    if max_connections:
+        # Beyond it gRPC closes each new connection as it arrives (see server/fds.py).
+        options.append(("grpc.max_allowed_incoming_connections", max_connections))
     if settings.max_connection_idle:
         options.append(("grpc.max_connection_idle_ms", ms(settings.max_connection_idle)))
     if settings.max_connection_age:
@@ -87,10 +92,13 @@ def build_grpc_server(
     health: HealthServicer,
     *,
     shared_port: bool,
+    max_connections: int = 0,
 ) -> tuple[grpc.aio.Server, tuple[str, ...]]:
     """The gRPC server with every API, health and reflection (no port yet), and the names of
     the services health reports on."""
-    server = grpc.aio.server(options=grpc_options(settings, shared_port=shared_port))
+    server = grpc.aio.server(
+        options=grpc_options(settings, shared_port=shared_port, max_connections=max_connections)
+    )
     rpc = RpcBinding(path)
     server.add_generic_rpc_handlers(
         (*native.handlers(core, rpc), *tfserving.handlers(core, rpc), *v2.handlers(core, rpc))
@@ -136,16 +144,28 @@ class ModelServer:
         self.calls = CallPath(self.admission)
         self.health = health_aio.HealthServicer()
         shared_port = worker is not None
+        try:  # each port's share of the open-file limit (see server/fds.py)
+            self.max_connections = fds.connection_cap(
+                settings.max_connections, fds.open_files_limit()
+            )
+        except ValueError as error:
+            raise StartupError(str(error)) from None
         self._grpc, self._services = build_grpc_server(
-            settings, self.core, self.calls, self.health, shared_port=shared_port
+            settings,
+            self.core,
+            self.calls,
+            self.health,
+            shared_port=shared_port,
+            max_connections=self.max_connections,
         )
         self._tls = tls_files(settings)
         self._health_grpc: grpc.aio.Server | None = None
         self._http = HttpListener(
-            http.application(self.core, self.calls, MAX_MESSAGE_BYTES),
+            http.application(self.core, self.calls, MAX_MESSAGE_BYTES, settings.http_body_timeout),
             settings.grace_period,
             reuse_port=shared_port,
             ssl_context=None if self._tls is None else tls.ssl_context(*self._tls),
+            limits=ConnectionLimits(self.max_connections, settings.http_header_timeout),
         )
         self._metrics_http: HttpListener | None = None
         self._poller: asyncio.Task[None] | None = None
@@ -224,6 +244,7 @@ class ModelServer:
                     f"{s.version}:{s.model.runtime}" for s in self.registry.served
                 ),
                 "batching": self.settings.batching,
+                "max_connections": self.max_connections,
             },
         )
 

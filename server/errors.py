@@ -50,6 +50,10 @@ class RequestTooLarge(ServingError):
     """An HTTP request body beyond the size limit (gRPC refuses such messages itself)."""
 
 
+class BodyTimeout(ServingError):
+    """An HTTP request body that did not arrive within --http-body-timeout."""
+
+
 class ClientGone(ServingError):
     """The client closed the connection before its answer (over HTTP: even before the
     whole body arrived). Nobody reads the answer; it is counted as gRPC counts a call its
@@ -65,6 +69,7 @@ STATUS_OF: dict[type[ServingError], grpc.StatusCode] = {
     NotReady: grpc.StatusCode.UNAVAILABLE,
     NotImplementedHere: grpc.StatusCode.UNIMPLEMENTED,
     RequestTooLarge: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    BodyTimeout: grpc.StatusCode.DEADLINE_EXCEEDED,
     ClientGone: grpc.StatusCode.CANCELLED,
 }
 # The statuses TensorFlow Serving's REST API gives the same gRPC codes (KServe's agree):
@@ -79,6 +84,7 @@ HTTP_STATUS_OF: dict[type[ServingError], int] = {
     NotReady: 503,
     NotImplementedHere: 501,
     RequestTooLarge: 413,
+    BodyTimeout: 408,
     ClientGone: 499,
 }
 INTERNAL_MESSAGE = "internal error; the server log has the details"

@@ -140,6 +140,26 @@ class Settings(BaseSettings):
     verbose_tensorflow: bool = Field(
         False, description="let TensorFlow and LiteRT print their start-up logs (CUDA, XNNPACK)"
     )
+    max_connections: int = Field(
+        0,
+        ge=0,
+        description="connections the gRPC port and the HTTP port each keep open at once (per "
+        "worker); more are closed as they arrive (HTTP: after a 503). 0: auto, half of the "
+        "open-file limit less 256 for the server's own files, at most 10000",
+    )
+    http_header_timeout: float = Field(
+        10.0,
+        gt=0,
+        description="seconds an HTTP client has to send a request's headers in full, from "
+        "the connection's opening or, on a kept-alive connection, from the request's first "
+        "byte (also for the TLS handshake); then the connection is closed",
+    )
+    http_body_timeout: float = Field(
+        60.0,
+        gt=0,
+        description="seconds an HTTP client has to send a request's body in full once its "
+        "headers arrived; then it gets 408 and the connection is closed",
+    )
 
     @field_validator("workers", mode="before")
     @classmethod

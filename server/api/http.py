@@ -1,7 +1,8 @@
 """The HTTP port's application: TF Serving's REST API (/v1), KServe v2 REST (/v2) and
 /metrics, served by aiohttp (server/listener.py) on the gRPC server's own event loop.
 
-Unknown paths and methods get a JSON error too; bodies beyond the size limit get 413.
+Unknown paths and methods get a JSON error too; bodies beyond the size limit get 413 (at
+once when their Content-Length says so), bodies slower than --http-body-timeout 408.
 """
 
 from __future__ import annotations
@@ -41,11 +42,14 @@ async def json_router_errors(request: web.Request, handler: rest.Handler) -> web
         return response
 
 
-def application(core: InferenceCore, path: CallPath, max_body_bytes: int) -> web.Application:
+def application(
+    core: InferenceCore, path: CallPath, max_body_bytes: int, body_timeout: float
+) -> web.Application:
     """The HTTP port's app: both REST APIs through the server's call path, and /metrics."""
     binding = rest.RestBinding(path)
     app = web.Application(client_max_size=max_body_bytes, middlewares=[json_router_errors])
     app[rest.MAX_BODY_BYTES] = max_body_bytes
+    app[rest.BODY_TIMEOUT] = body_timeout
     app.add_routes(
         [
             *tfserving_rest.routes(core, binding),

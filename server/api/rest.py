@@ -10,6 +10,7 @@ of the outcome.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import math
@@ -19,7 +20,7 @@ from typing import Any
 import grpc
 from aiohttp import web
 
-from ..errors import ClientGone, InvalidInput, RequestTooLarge
+from ..errors import HTTP_STATUS_OF, BodyTimeout, ClientGone, InvalidInput, RequestTooLarge
 from ..logs import RateLimitedLog
 from .calls import Call, CallPath, Failure
 
@@ -32,6 +33,10 @@ TIMEOUT_HEADER = "X-Request-Timeout-Ms"
 JSON = "application/json"
 # The largest body the app accepts (its client_max_size), for error messages.
 MAX_BODY_BYTES = web.AppKey("max_body_bytes", int)
+BODY_TIMEOUT = web.AppKey("body_timeout", float)  # seconds, from the headers to the body's end
+# Failures answered before the body was read in full (too large, too slow): the connection
+# is closed after the answer, the rest of the body never read.
+UNREAD_BODY_STATUSES = (HTTP_STATUS_OF[RequestTooLarge], HTTP_STATUS_OF[BodyTimeout])
 HANGUP_LOG_INTERVAL = 10.0  # seconds between log lines about clients that hung up mid-body
 
 
@@ -57,7 +62,10 @@ class RestBinding:
 
             outcome = await path.observe(stats, answer, _cancelled)
             if isinstance(outcome, Failure):
-                return error_response(outcome.http_status, outcome.message)
+                response = error_response(outcome.http_status, outcome.message)
+                if outcome.http_status in UNREAD_BODY_STATUSES:
+                    return await answer_and_close(request, response)
+                return response
             return outcome
 
         return handle
@@ -65,6 +73,16 @@ class RestBinding:
 
 def _cancelled() -> grpc.StatusCode:
     return grpc.StatusCode.CANCELLED  # the client went away
+
+
+async def answer_and_close(request: web.Request, response: web.Response) -> web.Response:
+    """Send `response`, then close the connection without reading the rest of the body
+    (aiohttp would otherwise read and drop it for up to 10 s before closing)."""
+    response.force_close()
+    await response.prepare(request)
+    await response.write_eof()
+    request.protocol.force_close()  # the answer is written out before the socket closes
+    return response
 
 
 def error_response(status: int, message: str) -> web.Response:
@@ -80,12 +98,19 @@ def json_bytes(body: Any) -> bytes:
 
 
 async def read_body(request: web.Request) -> bytes:
+    """The whole body, within the size limit and the body timeout. A body declared larger
+    than the limit is refused before any of it is read."""
+    limit = request.app[MAX_BODY_BYTES]
+    too_large = f"the request body exceeds {limit} bytes; split the batch"
+    if (request.content_length or 0) > limit:
+        raise RequestTooLarge(too_large)
+    timeout = request.app[BODY_TIMEOUT]
     try:
-        return await request.read()
-    except web.HTTPRequestEntityTooLarge:
-        raise RequestTooLarge(
-            f"the request body exceeds {request.app[MAX_BODY_BYTES]} bytes; split the batch"
-        ) from None
+        return await asyncio.wait_for(request.read(), timeout)
+    except web.HTTPRequestEntityTooLarge:  # a body without Content-Length, sent in chunks
+        raise RequestTooLarge(too_large) from None
+    except asyncio.TimeoutError:  # TimeoutError on 3.11+
+        raise BodyTimeout(f"the request body did not arrive within {timeout:g} s") from None
 
 
 def parse_json(text: bytes | str, what: str = "the request body") -> dict[str, Any]:
