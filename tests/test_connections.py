@@ -13,6 +13,8 @@ import json
 import os
 import resource
 import socket
+import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -26,6 +28,7 @@ import pytest
 
 from mnist_serving.protos.mnist.v1 import predict_pb2 as pb
 from mnist_serving.protos.mnist.v1 import predict_pb2_grpc
+from mnist_serving.server.fds import connection_cap
 
 from .support import ServerProcess, scrape
 
@@ -203,6 +206,31 @@ def open_files_limit(soft: int) -> Iterator[None]:
         yield
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, before)
+
+
+def test_each_port_gets_half_the_open_files_left_by_default() -> None:
+    assert connection_cap(0, 1024) == 384  # (1024 - 256) / 2
+    assert connection_cap(0, 20_000) == 9872
+    assert connection_cap(0, 1 << 20) == 10_000  # the most by default
+    assert connection_cap(384, 1024) == 384
+    with pytest.raises(ValueError, match="ulimit"):
+        connection_cap(385, 1024)
+
+
+def test_a_cap_the_open_file_limit_cannot_hold_stops_start_up(tiny_model_dir: Path) -> None:
+    with open_files_limit(1024):  # inherited by the server, which raises it to the hard limit
+        _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        too_many = (hard - 256) // 2 + 1 if hard != resource.RLIM_INFINITY else 1 << 40
+        process = subprocess.run(
+            [
+                sys.executable, "-m", "mnist_serving.server", "--model-dir", str(tiny_model_dir),
+                "--port", "0", "--http-port", "0", "--max-connections", str(too_many),
+            ],
+            capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+    assert process.returncode == 1, process.stderr[-2000:]
+    assert "--max-connections" in process.stderr
+    assert "Traceback" not in process.stderr
 
 
 FLOOD = 2000
