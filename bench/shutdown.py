@@ -2,8 +2,9 @@
 and what the stop costs.
 
 Starts mnist-serve (extra server flags after `--`), has 32 clients call Predict in a tight
-loop (each on its own channel, no retries; half send 1 image, half 64), sends SIGTERM after
-2 s and records every call's outcome and when it was sent, until the server has exited.
+loop (each on its own channel, no retries; half send 1 image, half 64; --backoff pauses a
+client after each UNAVAILABLE), sends SIGTERM after 2 s and records every call's outcome
+and when it was sent, until the server has exited.
 Calls sent before the signal must all be OK; calls sent after it may be refused
 (UNAVAILABLE, which clients retry elsewhere). Also times a stop with no traffic. Not a
 test: the outcome depends on timing.
@@ -33,7 +34,7 @@ def request(images: int) -> pb.PredictRequest:
     )
 
 
-def one_run(model_dir: Path, flags: list[str]) -> str:
+def one_run(model_dir: Path, flags: list[str], backoff: float) -> str:
     server = ServerProcess(model_dir, "--poll-interval", "0", *flags)
     calls: list[tuple[float, str]] = []  # (sent, code)
     lock = threading.Lock()
@@ -52,6 +53,8 @@ def one_run(model_dir: Path, flags: list[str]) -> str:
                     code = error.code().name
                 with lock:
                     calls.append((sent, code))
+                if code == "UNAVAILABLE" and backoff:
+                    time.sleep(backoff)
 
     threads = [threading.Thread(target=client, args=(1 if i % 2 else 64,)) for i in range(CLIENTS)]
     for thread in threads:
@@ -85,10 +88,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.shutdown", description=__doc__)
     parser.add_argument("--model-dir", type=Path, required=True)
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--backoff", type=float, default=0.0, help="pause after UNAVAILABLE (s)")
     parser.add_argument("flags", nargs="*", help="server flags (after --)")
     args = parser.parse_args()
     for run in range(args.runs):
-        print(f"run {run + 1}: {one_run(args.model_dir, args.flags)}", flush=True)
+        print(f"run {run + 1}: {one_run(args.model_dir, args.flags, args.backoff)}", flush=True)
     print(f"stop with no traffic: {idle_stop(args.model_dir, args.flags):.2f} s", flush=True)
 
 
