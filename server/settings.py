@@ -102,8 +102,9 @@ class Settings(BaseSettings):
         0.0,
         ge=0,
         description="seconds the server keeps answering after SIGTERM, health already "
-        "NOT_SERVING, so that balancers and clients move away; then it stops accepting and "
-        "gives in-flight calls --grace-period (a second signal ends the delay early)",
+        "NOT_SERVING, so that balancers and clients move away; then, once no call has arrived "
+        "for 0.1 s (at most 1 s after the signal), it stops accepting and gives in-flight "
+        "calls --grace-period (a second signal ends the delay early)",
     )
     tls_cert: FilePath | None = Field(
         None, description="PEM certificate chain: serve gRPC over TLS (re-read when it changes)"
