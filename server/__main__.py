@@ -12,6 +12,7 @@ from pydantic import ValidationError
 from pydantic_settings import CliApp, SettingsError
 
 from .errors import StartupError
+from .fds import raise_open_files_limit
 from .logs import configure_logging
 from .settings import Settings
 from .worker_link import WORKER_FLAG, WorkerLink
@@ -80,6 +81,9 @@ def main(argv: list[str] | None = None) -> None:
     if not settings.model_dir.is_dir():
         print(f"mnist-serve: model dir {settings.model_dir} does not exist", file=sys.stderr)
         raise SystemExit(2)
+    before, after = raise_open_files_limit()  # each worker raises its own, the same way
+    if after != before and worker is None:
+        logger.info("open files limit raised", extra={"from": before, "to": after})
     if worker is None and settings.workers > 1:
         raise SystemExit(supervise(settings))
     try:

@@ -1,7 +1,8 @@
 """The door every call passes, whatever its API: admitted while the server takes calls,
 refused once it stops, and waited for at shutdown.
 
-Once the server stops admitting (after SIGTERM and the drain delay), calls are refused with
+After SIGTERM the server keeps admitting for the drain delay and until the calls sent before
+the signal have arrived (Admission.settle). Once it stops admitting, calls are refused with
 ShuttingDown (gRPC UNAVAILABLE, HTTP 503: retryable, counted), and the server waits until
 the calls it admitted are done and no new one has arrived for a short while before gRPC
 shuts its transport down (see Admission.drain for why).
@@ -56,6 +57,29 @@ class Admission:
 
     def was_cut(self, task: asyncio.Task[Any] | None) -> bool:
         return task is not None and task in self._cut
+
+    async def settle(self, quiet: float, until: float) -> None:
+        """Keep admitting until no call has arrived for `quiet` seconds, or until `until`
+        (time.monotonic()).
+
+        A call its client sent just before the signal is still on its way: in the socket,
+        in gRPC core's queue, or waiting for the event loop (under load, tens of ms). Closing
+        the door at once would refuse it; waiting for a pause in arrivals lets it in, and
+        costs only `quiet` when no call is coming. The pause is counted in short ticks of
+        the event loop, each worth at most its own length however late it fires: a loop or
+        process that stalls (a busy machine, a stopped process) cannot make calls that wait
+        for it look like silence.
+        """
+        tick = quiet / 5
+        silent = 0.0
+        seen = self.last_arrival
+        while time.monotonic() < until and silent < quiet:
+            slept = time.monotonic()
+            await asyncio.sleep(tick)
+            if self.last_arrival != seen:
+                seen, silent = self.last_arrival, 0.0
+            else:
+                silent += min(time.monotonic() - slept, tick)
 
     async def drain(self, grace: float, quiet: float) -> int:
         """Stop admitting; wait for the admitted calls, then for `quiet` seconds without

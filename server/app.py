@@ -4,8 +4,8 @@ port on the same event loop (REST APIs, /metrics), shutdown."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -16,7 +16,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
-from . import tls, tracing
+from . import fds, tls, tracing
 from .access_log import AccessLog
 from .admission import Admission
 from .api import http, native, tfserving, v2
@@ -25,7 +25,7 @@ from .api.reflection import reflection_pool
 from .api.rpc import RpcBinding
 from .core import InferenceCore
 from .errors import StartupError
-from .listener import HttpListener, metrics_application
+from .listener import ConnectionLimits, HttpListener, metrics_application
 from .settings import Settings
 from .versions import ModelRegistry
 
@@ -45,11 +45,17 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 # then get before gRPC cancels them.
 QUIET_SECONDS = 0.1
 STREAM_GRACE_SECONDS = 1.0
+# After SIGTERM the server admits calls until none has arrived for QUIET_SECONDS, at most
+# this long after the signal (or the drain delay, if longer): calls a client sent before
+# the signal are answered, not refused (see Admission.settle; README, "Shutdown").
+SETTLE_SECONDS = 1.0
 
 
-def grpc_options(settings: Settings, *, shared_port: bool = False) -> list[tuple[str, Any]]:
+def grpc_options(
+    settings: Settings, *, shared_port: bool = False, max_connections: int = 0
+) -> list[tuple[str, Any]]:
     """Message limits, and the connection hygiene that keeps one client from starving the
-    rest (docs/operations/connection-limits.md)."""
+    rest (docs/operations/connection-limits.md). `max_connections`: the port's cap (0: none)."""
 
     def ms(seconds: float) -> int:
         return int(seconds * 1000)
@@ -67,6 +73,9 @@ def grpc_options(settings: Settings, *, shared_port: bool = False) -> list[tuple
         ("grpc.http2.min_ping_interval_without_data_ms", ms(settings.min_ping_interval)),
         ("grpc.http2.max_ping_strikes", 2),
     ]
+    if max_connections:
+        # Beyond it gRPC closes each new connection as it arrives (see server/fds.py).
+        options.append(("grpc.max_allowed_incoming_connections", max_connections))
     if settings.max_connection_idle:
         options.append(("grpc.max_connection_idle_ms", ms(settings.max_connection_idle)))
     if settings.max_connection_age:
@@ -84,10 +93,13 @@ def build_grpc_server(
     health: HealthServicer,
     *,
     shared_port: bool,
+    max_connections: int = 0,
 ) -> tuple[grpc.aio.Server, tuple[str, ...]]:
     """The gRPC server with every API, health and reflection (no port yet), and the names of
     the services health reports on."""
-    server = grpc.aio.server(options=grpc_options(settings, shared_port=shared_port))
+    server = grpc.aio.server(
+        options=grpc_options(settings, shared_port=shared_port, max_connections=max_connections)
+    )
     rpc = RpcBinding(path)
     server.add_generic_rpc_handlers(
         (*native.handlers(core, rpc), *tfserving.handlers(core, rpc), *v2.handlers(core, rpc))
@@ -142,16 +154,30 @@ class ModelServer:
         self.calls = CallPath(self.admission, self.access_log)
         self.health = health_aio.HealthServicer()
         shared_port = worker is not None
+        try:  # each port's share of the open-file limit (see server/fds.py)
+            self.max_connections = fds.connection_cap(
+                settings.max_connections, fds.open_files_limit()
+            )
+        except ValueError as error:
+            raise StartupError(str(error)) from None
         self._grpc, self._services = build_grpc_server(
-            settings, self.core, self.calls, self.health, shared_port=shared_port
+            settings,
+            self.core,
+            self.calls,
+            self.health,
+            shared_port=shared_port,
+            max_connections=self.max_connections,
         )
         self._tls = tls_files(settings)
         self._health_grpc: grpc.aio.Server | None = None
         self._http = HttpListener(
-            http.application(self.core, self.calls, MAX_MESSAGE_BYTES, settings),
+            http.application(
+                self.core, self.calls, MAX_MESSAGE_BYTES, settings.http_body_timeout, settings
+            ),
             settings.grace_period,
             reuse_port=shared_port,
             ssl_context=None if self._tls is None else tls.ssl_context(*self._tls),
+            limits=ConnectionLimits(self.max_connections, settings.http_header_timeout),
         )
         self._metrics_http: HttpListener | None = None
         self._poller: asyncio.Task[None] | None = None
@@ -232,6 +258,7 @@ class ModelServer:
                     f"{s.version}:{s.model.runtime}" for s in self.registry.served
                 ),
                 "batching": self.settings.batching,
+                "max_connections": self.max_connections,
             },
         )
 
@@ -251,11 +278,13 @@ class ModelServer:
         self._drain_over.set()
 
     async def stop(self, grace: float | None = None) -> None:
-        """Say NOT_SERVING; keep answering for the drain delay; then refuse new calls
-        (UNAVAILABLE, HTTP 503) and let admitted ones finish within `grace`."""
+        """Say NOT_SERVING; keep answering for the drain delay and until the calls sent
+        before the signal have arrived; then refuse new calls (UNAVAILABLE, HTTP 503) and
+        let admitted ones finish within `grace`."""
         if self._stopping:
             return
         self._stopping = True
+        signalled = time.monotonic()
         grace = self.settings.grace_period if grace is None else grace
         drain = self.settings.drain_delay
         logger.info("shutting down", extra={"drain_seconds": drain, "grace_seconds": grace})
@@ -264,9 +293,8 @@ class ModelServer:
         if self._poller is not None:
             self._poller.cancel()  # also abandons a load in progress: see registry.loading
             await asyncio.gather(self._poller, return_exceptions=True)
-        if drain > 0 and self._serving:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._drain_over.wait(), drain)
+        if self._serving:
+            await self._keep_admitting(signalled, drain)
         logger.info("refusing new calls", extra={"in_flight": self.admission.in_flight})
         cut = await self.admission.drain(grace, QUIET_SECONDS)
         if cut:
@@ -286,6 +314,21 @@ class ModelServer:
         await asyncio.to_thread(tracing.stop)
         self._stopped.set()
         logger.info("stopped")
+
+    async def _keep_admitting(self, signalled: float, drain: float) -> None:
+        """The drain delay, then until the calls sent before the signal have arrived; a
+        second signal (end_drain) ends both."""
+        ended = asyncio.ensure_future(self._drain_over.wait())
+        try:
+            if drain > 0:
+                await asyncio.wait({ended}, timeout=drain)
+            if not ended.done():
+                until = signalled + max(drain, SETTLE_SECONDS)
+                settled = asyncio.ensure_future(self.admission.settle(QUIET_SECONDS, until))
+                await asyncio.wait({ended, settled}, return_when=asyncio.FIRST_COMPLETED)
+                settled.cancel()
+        finally:
+            ended.cancel()
 
     async def wait_stopped(self) -> None:
         await self._stopped.wait()

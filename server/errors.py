@@ -50,6 +50,16 @@ class RequestTooLarge(ServingError):
     """An HTTP request body beyond the size limit (gRPC refuses such messages itself)."""
 
 
+class BodyTimeout(ServingError):
+    """An HTTP request body that did not arrive within --http-body-timeout."""
+
+
+class ClientGone(ServingError):
+    """The client closed the connection before its answer (over HTTP: even before the
+    whole body arrived). Nobody reads the answer; it is counted as gRPC counts a call its
+    client cancelled."""
+
+
 STATUS_OF: dict[type[ServingError], grpc.StatusCode] = {
     InvalidInput: grpc.StatusCode.INVALID_ARGUMENT,
     ModelNotFound: grpc.StatusCode.NOT_FOUND,
@@ -59,9 +69,12 @@ STATUS_OF: dict[type[ServingError], grpc.StatusCode] = {
     NotReady: grpc.StatusCode.UNAVAILABLE,
     NotImplementedHere: grpc.StatusCode.UNIMPLEMENTED,
     RequestTooLarge: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    BodyTimeout: grpc.StatusCode.DEADLINE_EXCEEDED,
+    ClientGone: grpc.StatusCode.CANCELLED,
 }
 # The statuses TensorFlow Serving's REST API gives the same gRPC codes (KServe's agree):
-# a full queue is 429 (retry later, here), a draining server 503 (retry elsewhere).
+# a full queue is 429 (retry later, here), a draining server 503 (retry elsewhere). A client
+# that went away gets nothing; 499 is nginx's status for it, for the record.
 HTTP_STATUS_OF: dict[type[ServingError], int] = {
     InvalidInput: 400,
     ModelNotFound: 404,
@@ -71,6 +84,8 @@ HTTP_STATUS_OF: dict[type[ServingError], int] = {
     NotReady: 503,
     NotImplementedHere: 501,
     RequestTooLarge: 413,
+    BodyTimeout: 408,
+    ClientGone: 499,
 }
 INTERNAL_MESSAGE = "internal error; the server log has the details"
 

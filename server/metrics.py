@@ -148,6 +148,17 @@ ACCESS_LOG_DROPPED = Counter(
     namespace=NAMESPACE,
 )
 
+HTTP_CONNECTIONS = Gauge(
+    "http_connections", "Connections open on the HTTP port.",
+    namespace=NAMESPACE, multiprocess_mode="livesum",
+)  # fmt: skip
+HTTP_CONNECTIONS_CLOSED = Counter(
+    "http_connections_closed",
+    "HTTP connections the server closed to protect itself: beyond --max-connections "
+    "(limit), or headers slower than --http-header-timeout (header_timeout).",
+    ["reason"], namespace=NAMESPACE,
+)  # fmt: skip
+
 _CLASS_LABELS = [str(digit) for digit in range(NUM_CLASSES)]
 _CLASS_CHILDREN = [PREDICTED_CLASS.labels(label) for label in _CLASS_LABELS]
 

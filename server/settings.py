@@ -126,8 +126,9 @@ class Settings(BaseSettings):
         0.0,
         ge=0,
         description="seconds the server keeps answering after SIGTERM, health already "
-        "NOT_SERVING, so that balancers and clients move away; then it stops accepting and "
-        "gives in-flight calls --grace-period (a second signal ends the delay early)",
+        "NOT_SERVING, so that balancers and clients move away; then, once no call has arrived "
+        "for 0.1 s (at most 1 s after the signal), it stops accepting and gives in-flight "
+        "calls --grace-period (a second signal ends the delay early)",
     )
     tls_cert: FilePath | None = Field(
         None, description="PEM certificate chain: serve gRPC over TLS (re-read when it changes)"
@@ -197,6 +198,26 @@ class Settings(BaseSettings):
         False,
         description="OpenTelemetry tracing (needs the otel extra): a span per call, exported "
         "over OTLP as the standard OTEL_* variables say (OTEL_SDK_DISABLED=true turns it off)",
+    )
+    max_connections: int = Field(
+        0,
+        ge=0,
+        description="connections the gRPC port and the HTTP port each keep open at once (per "
+        "worker); more are closed as they arrive (HTTP: after a 503). 0: auto, half of the "
+        "open-file limit less 256 for the server's own files, at most 10000",
+    )
+    http_header_timeout: float = Field(
+        10.0,
+        gt=0,
+        description="seconds an HTTP client has to send a request's headers in full, from "
+        "the connection's opening or, on a kept-alive connection, from the request's first "
+        "byte (also for the TLS handshake); then the connection is closed",
+    )
+    http_body_timeout: float = Field(
+        60.0,
+        gt=0,
+        description="seconds an HTTP client has to send a request's body in full once its "
+        "headers arrived; then it gets 408 and the connection is closed",
     )
 
     @field_validator("workers", mode="before")

@@ -13,6 +13,10 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import http.client
+import json
+import logging
+import signal
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
@@ -37,8 +41,12 @@ SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
+def pixels(count: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, size=(count, 28, 28), dtype=np.uint8)
+
+
 def request(count: int, seed: int = 0) -> pb.PredictRequest:
-    images = np.random.default_rng(seed).integers(0, 256, size=(count, 28, 28), dtype=np.uint8)
+    images = pixels(count, seed)
     return pb.PredictRequest(
         images=pb.Tensor(dtype=pb.DATA_TYPE_UINT8, shape=images.shape, content=images.tobytes())
     )
@@ -94,6 +102,90 @@ def test_sigterm_while_32_clients_call_fails_none_of_their_calls(
     assert "grace period over" not in server.log
 
 
+PREDICT = "/v1/models/mnist:predict"
+
+
+def stopped(pid: int) -> bool:
+    """Whether the process is stopped (SIGSTOP): the state field of /proc/PID/stat."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return stat.rsplit(")", 1)[1].split()[0] == "T"
+
+
+def unread_bytes(port: int) -> int:
+    """Bytes that arrived on the connections to local `port` and were not read yet."""
+    total = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):  # gRPC listens on IPv4-mapped IPv6
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            local, state, queues = fields[1], fields[3], fields[4]
+            if int(local.rsplit(":", 1)[1], 16) == port and state == "01":  # ESTABLISHED
+                total += int(queues.split(":")[1], 16)
+    return total
+
+
+def test_sigterm_while_calls_are_in_transit_answers_every_call_sent_before_it(
+    tiny_model_dir: Path,
+) -> None:
+    # Default flags. The server process is stopped (SIGSTOP) while the calls are sent, so
+    # that when SIGTERM arrives every call is provably in transit: its bytes are in the
+    # server's sockets, not yet read by gRPC or aiohttp, let alone admitted. The signal
+    # and the calls then reach the server together (SIGCONT). Every one must be answered.
+    server = ServerProcess(tiny_model_dir, "--poll-interval", "0")
+    pid = server.process.pid
+    channels = [
+        grpc.insecure_channel(server.target, options=[("grpc.use_local_subchannel_pool", 1)])
+        for _ in range(16)
+    ]
+    connections = [
+        http.client.HTTPConnection(server.host, server.http_port, timeout=120) for _ in range(8)
+    ]
+    try:
+        stubs = [predict_pb2_grpc.MnistServiceStub(c) for c in channels]
+        for stub in stubs:  # connected, and the connection set up, before the stop
+            assert tuple(stub.Predict(request(1), timeout=60).classes.shape) == (1,)
+        for connection in connections:
+            connection.request("GET", "/v2/health/live")
+            assert connection.getresponse().read() == b'{"live":true}'
+        server.process.send_signal(signal.SIGSTOP)
+        wait_until(lambda: stopped(pid), "the server to stop")
+        sizes = [64, 1]
+        calls = [
+            (images, stub.Predict.future(request(images, i), timeout=120))
+            for i, stub in enumerate(stubs)
+            for images in sizes
+        ]
+        body = json.dumps({"instances": pixels(3).tolist()}).encode()
+        for connection in connections:
+            connection.request("POST", PREDICT, body, {"Content-Type": "application/json"})
+        grpc_bytes = len(stubs) * sum(sizes) * 784
+        wait_until(lambda: unread_bytes(server.port) >= grpc_bytes, "the gRPC calls to be sent")
+        http_bytes = len(connections) * len(body)
+        wait_until(lambda: unread_bytes(server.http_port) >= http_bytes, "the HTTP calls")
+        server.process.send_signal(signal.SIGTERM)  # pending until the process runs again
+        server.process.send_signal(signal.SIGCONT)
+        answers: collections.Counter[str] = collections.Counter()
+        for images, call in calls:
+            try:
+                shape = tuple(call.result(timeout=120).classes.shape)
+                answers["OK" if shape == (images,) else f"shape {shape}"] += 1
+            except grpc.RpcError as error:
+                answers[error.code().name] += 1
+        for connection in connections:
+            answer = connection.getresponse()
+            answers[f"HTTP {answer.status}"] += 1
+            answer.read()
+        assert answers == {"OK": len(calls), "HTTP 200": len(connections)}, answers
+        assert server.process.wait(120) == 0, server.log
+    finally:
+        for channel in channels:
+            channel.close()
+        for connection in connections:
+            connection.close()
+        if server.process.poll() is None:
+            server.process.send_signal(signal.SIGCONT)
+            server.process.kill()
+
+
 def test_the_drain_delay_keeps_answering_after_health_says_not_serving(
     tiny_model_dir: Path,
 ) -> None:
@@ -147,6 +239,7 @@ async def started(model_dir: Path, **overrides: Any) -> AsyncIterator[Held]:
         "model_dir": model_dir,
         "host": "127.0.0.1",
         "port": 0,
+        "http_port": 0,
         "metrics_port": 0,
         "poll_interval": 0,
         "grace_period": 60,
@@ -246,6 +339,76 @@ async def test_every_status_a_caller_gets_is_the_one_counted(held: Held) -> None
     assert {code: after[code] - before[code] for code in after if after[code] - before[code]} == (
         dict(seen)
     )
+
+
+def no_errors_logged(caplog: pytest.LogCaptureFixture) -> list[str]:
+    """What the server logged at ERROR, or with a traceback, at any level."""
+    return [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
+
+
+def http_request(path: str, body: bytes, declared: int | None = None) -> bytes:
+    """One HTTP/1.1 POST as bytes, its Content-Length `declared` (the body's by default)."""
+    length = len(body) if declared is None else declared
+    return (
+        f"POST {path} HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {length}\r\n\r\n"
+    ).encode() + body
+
+
+PREDICT_BODY = json.dumps({"instances": pixels(2).tolist()}).encode()
+
+
+async def test_a_grpc_client_that_hangs_up_before_its_answer_is_counted_cancelled(
+    held: Held, caplog: pytest.LogCaptureFixture
+) -> None:
+    before = counted()
+    held.hold_inference()
+    own = grpc.aio.insecure_channel(  # its own connection, to hang up
+        f"127.0.0.1:{held.server.port}", options=[("grpc.use_local_subchannel_pool", 1)]
+    )
+    call = predict_pb2_grpc.MnistServiceStub(own).Predict(request(3))
+    await until(lambda: held.server.admission.in_flight == 1, "the call to be admitted")
+    await own.close(grace=None)  # the connection closes under the call
+    assert await outcome(call) == "CANCELLED"
+    await until(lambda: held.server.admission.in_flight == 0, "the server to drop the call")
+    held.release.set()
+    after = counted()
+    assert {code: after[code] - before[code] for code in after if after[code] > before[code]} == {
+        "CANCELLED": 1
+    }
+    assert no_errors_logged(caplog) == []
+
+
+@pytest.mark.parametrize("when", ["mid-body", "before the answer"])
+async def test_an_http_client_that_hangs_up_is_counted_cancelled_not_internal(
+    held: Held, caplog: pytest.LogCaptureFixture, when: str
+) -> None:
+    before = counted()
+    held.hold_inference()
+    _, writer = await asyncio.open_connection("127.0.0.1", held.server.http_port)
+    if when == "mid-body":  # declares the whole body, sends half of it
+        half = len(PREDICT_BODY) // 2
+        writer.write(http_request(PREDICT, PREDICT_BODY[:half], declared=len(PREDICT_BODY)))
+        await writer.drain()
+        await until(lambda: held.server.admission.in_flight == 1, "the call to be admitted")
+    else:  # the whole request; the call waits for the (held) model
+        writer.write(http_request(PREDICT, PREDICT_BODY))
+        await writer.drain()
+        await until(
+            lambda: held.server.admission.in_flight == 1 and queued() == 0,
+            "the call to reach the model",
+        )
+    writer.close()
+    await writer.wait_closed()
+    await until(lambda: held.server.admission.in_flight == 0, "the server to drop the call")
+    held.release.set()
+    after = counted()
+    assert {code: after[code] - before[code] for code in after if after[code] > before[code]} == {
+        "CANCELLED": 1
+    }
+    assert no_errors_logged(caplog) == []
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) <= 1, warnings
 
 
 async def test_a_call_past_its_deadline_is_counted_as_deadline_exceeded(held: Held) -> None:

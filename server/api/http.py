@@ -1,7 +1,8 @@
 """The HTTP port's application: TF Serving's REST API (/v1), KServe v2 REST (/v2) and
 /metrics, served by aiohttp (server/listener.py) on the gRPC server's own event loop.
 
-Unknown paths and methods get a JSON error too; bodies beyond the size limit get 413.
+Unknown paths and methods get a JSON error too; bodies beyond the size limit get 413 (at
+once when their Content-Length says so), bodies slower than --http-body-timeout 408.
 """
 
 from __future__ import annotations
@@ -45,7 +46,11 @@ async def json_router_errors(request: web.Request, handler: rest.Handler) -> web
 
 
 def application(
-    core: InferenceCore, path: CallPath, max_body_bytes: int, settings: Settings | None = None
+    core: InferenceCore,
+    path: CallPath,
+    max_body_bytes: int,
+    body_timeout: float,
+    settings: Settings | None = None,
 ) -> web.Application:
     """The HTTP port's app: both REST APIs through the server's call path, and /metrics;
     `settings` adds the pages (--ui) and CORS (--cors-origins)."""
@@ -55,6 +60,7 @@ def application(
         middlewares.insert(0, cors.middleware(settings.cors_origins))  # errors get CORS too
     app = web.Application(client_max_size=max_body_bytes, middlewares=middlewares)
     app[rest.MAX_BODY_BYTES] = max_body_bytes
+    app[rest.BODY_TIMEOUT] = body_timeout
     app.add_routes(
         [
             *tfserving_rest.routes(core, binding),

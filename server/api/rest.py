@@ -10,7 +10,9 @@ of the outcome.
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 import math
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -20,8 +22,11 @@ from aiohttp import web
 
 from .. import tracing
 from ..call_context import PRIORITY_HEADER, REQUEST_ID_HEADER, Call, request_id_of
-from ..errors import InvalidInput, RequestTooLarge
+from ..errors import HTTP_STATUS_OF, BodyTimeout, ClientGone, InvalidInput, RequestTooLarge
+from ..logs import RateLimitedLog
 from .calls import CallPath, Failure
+
+logger = logging.getLogger(__name__)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 # A caller's time budget for one call, in milliseconds: TF Serving's REST API has no
@@ -30,6 +35,11 @@ TIMEOUT_HEADER = "X-Request-Timeout-Ms"
 JSON = "application/json"
 # The largest body the app accepts (its client_max_size), for error messages.
 MAX_BODY_BYTES = web.AppKey("max_body_bytes", int)
+BODY_TIMEOUT = web.AppKey("body_timeout", float)  # seconds, from the headers to the body's end
+# Failures answered before the body was read in full (too large, too slow): the connection
+# is closed after the answer, the rest of the body never read.
+UNREAD_BODY_STATUSES = (HTTP_STATUS_OF[RequestTooLarge], HTTP_STATUS_OF[BodyTimeout])
+HANGUP_LOG_INTERVAL = 10.0  # seconds between log lines about clients that hung up mid-body
 
 
 class RestBinding:
@@ -37,6 +47,7 @@ class RestBinding:
 
     def __init__(self, path: CallPath) -> None:
         self.path = path
+        self._hangup_log = RateLimitedLog(logger, HANGUP_LOG_INTERVAL)
 
     def counted(self, api: str, method: str, impl: Handler) -> Handler:
         """`impl` through the call path as (api, method), its failures answered as JSON."""
@@ -45,7 +56,11 @@ class RestBinding:
 
         async def handle(request: web.Request) -> web.StreamResponse:
             async def answer(call: Call) -> web.StreamResponse:
-                return await impl(request)
+                try:
+                    return await impl(request)
+                except ConnectionResetError:  # aiohttp's ClientConnectionResetError too
+                    self._hangup_log.warning("client hung up mid-request", api=api, method=method)
+                    raise ClientGone("the client closed the connection") from None
 
             headers = request.headers
             request_id = request_id_of(headers.get(REQUEST_ID_HEADER))
@@ -62,7 +77,11 @@ class RestBinding:
                 span_name=f"{request.method} {_route(request)}" if traced else "",
             )
             if isinstance(outcome, Failure):
-                outcome = error_response(outcome.http_status, outcome.message)
+                response = error_response(outcome.http_status, outcome.message)
+                response.headers[REQUEST_ID_HEADER] = request_id
+                if outcome.http_status in UNREAD_BODY_STATUSES:
+                    return await answer_and_close(request, response)
+                return response
             if not outcome.prepared:
                 outcome.headers[REQUEST_ID_HEADER] = request_id
             return outcome
@@ -90,6 +109,16 @@ def _cancelled() -> grpc.StatusCode:
     return grpc.StatusCode.CANCELLED  # the client went away
 
 
+async def answer_and_close(request: web.Request, response: web.Response) -> web.Response:
+    """Send `response`, then close the connection without reading the rest of the body
+    (aiohttp would otherwise read and drop it for up to 10 s before closing)."""
+    response.force_close()
+    await response.prepare(request)
+    await response.write_eof()
+    request.protocol.force_close()  # the answer is written out before the socket closes
+    return response
+
+
 def error_response(status: int, message: str) -> web.Response:
     return json_response({"error": message}, status=status)
 
@@ -103,12 +132,19 @@ def json_bytes(body: Any) -> bytes:
 
 
 async def read_body(request: web.Request) -> bytes:
+    """The whole body, within the size limit and the body timeout. A body declared larger
+    than the limit is refused before any of it is read."""
+    limit = request.app[MAX_BODY_BYTES]
+    too_large = f"the request body exceeds {limit} bytes; split the batch"
+    if (request.content_length or 0) > limit:
+        raise RequestTooLarge(too_large)
+    timeout = request.app[BODY_TIMEOUT]
     try:
-        return await request.read()
-    except web.HTTPRequestEntityTooLarge:
-        raise RequestTooLarge(
-            f"the request body exceeds {request.app[MAX_BODY_BYTES]} bytes; split the batch"
-        ) from None
+        return await asyncio.wait_for(request.read(), timeout)
+    except web.HTTPRequestEntityTooLarge:  # a body without Content-Length, sent in chunks
+        raise RequestTooLarge(too_large) from None
+    except asyncio.TimeoutError:  # TimeoutError on 3.11+
+        raise BodyTimeout(f"the request body did not arrive within {timeout:g} s") from None
 
 
 def parse_json(text: bytes | str, what: str = "the request body") -> dict[str, Any]:
