@@ -176,7 +176,7 @@ def test_metrics_count_the_calls_of_every_worker_exactly(two_workers: ServerProc
         return value(after, metric, **labels) - value(before, metric, **labels)
 
     calls = 5 * WORKERS
-    ok = {"api": "native", "method": "Predict", "code": "OK"}
+    ok = {"api": "native", "method": "Predict", "code": "OK", "priority": "online"}
     assert delta("mnist_requests_total", **ok) == calls
     assert delta("mnist_request_duration_seconds_count", api="native", method="Predict") == calls
     assert delta("mnist_images_predicted_total") == 3 * calls
@@ -297,7 +297,10 @@ def test_a_killed_worker_is_replaced_and_no_call_fails(tiny_model_dir: Path) -> 
         assert value(samples, "mnist_requests_in_flight") == 0
         assert version_info(samples, "1") == 1
         # The dead worker's answers are still in the sum (they came from the archive).
-        ok = value(samples, "mnist_requests_total", api="native", method="Predict", code="OK")
+        ok = value(
+            samples, "mnist_requests_total",
+            api="native", method="Predict", code="OK", priority="online",
+        )  # fmt: skip
         assert ok >= answered[0]
     finally:
         assert server.stop() == 0, server.log
