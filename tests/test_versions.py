@@ -115,7 +115,7 @@ def versions_in_metrics(server: ServerProcess) -> list[int]:
     )
 
 
-def wait_for(condition: Callable[[], Any], what: str, timeout: float = 30.0) -> Any:
+def wait_for(condition: Callable[[], Any], what: str, timeout: float = 120.0) -> Any:
     deadline = time.monotonic() + timeout
     while True:
         value = condition()
