@@ -24,15 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16mnist/v1/predict.proto\x12\x08mnist.v1\"K\n\x06Tensor\x12!\n\x05\x64type\x18\x01 \x01(\x0e\x32\x12.mnist.v1.DataType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0f\n\x07\x63ontent\x18\x03 \x01(\x0c\"*\n\tModelSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\"[\n\x0ePredictRequest\x12\'\n\nmodel_spec\x18\x01 \x01(\x0b\x32\x13.mnist.v1.ModelSpec\x12 \n\x06images\x18\x02 \x01(\x0b\x32\x10.mnist.v1.Tensor\"\x86\x01\n\x0fPredictResponse\x12\'\n\nmodel_spec\x18\x01 \x01(\x0b\x32\x13.mnist.v1.ModelSpec\x12\'\n\rprobabilities\x18\x02 \x01(\x0b\x32\x10.mnist.v1.Tensor\x12!\n\x07\x63lasses\x18\x03 \x01(\x0b\x32\x10.mnist.v1.Tensor\"\'\n\x17GetModelMetadataRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"L\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12!\n\x05\x64type\x18\x02 \x01(\x0e\x32\x12.mnist.v1.DataType\x12\r\n\x05shape\x18\x03 \x03(\x03\"\x83\x01\n\x0bVersionInfo\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\x15\n\rtest_accuracy\x18\x02 \x01(\x01\x12\x11\n\ttest_loss\x18\x03 \x01(\x01\x12\x12\n\ntrained_at\x18\x04 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x05 \x01(\t\x12\x0f\n\x07runtime\x18\x06 \x01(\t\"\xd4\x01\n\x18GetModelMetadataResponse\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\'\n\x08versions\x18\x02 \x03(\x0b\x32\x15.mnist.v1.VersionInfo\x12$\n\x06inputs\x18\x03 \x03(\x0b\x32\x14.mnist.v1.TensorSpec\x12%\n\x07outputs\x18\x04 \x03(\x0b\x32\x14.mnist.v1.TensorSpec\x12\x14\n\x0c\x63lass_labels\x18\x05 \x03(\t\x12\x1e\n\x16max_images_per_request\x18\x06 \x01(\x03*f\n\x08\x44\x61taType\x12\x19\n\x15\x44\x41TA_TYPE_UNSPECIFIED\x10\x00\x12\x13\n\x0f\x44\x41TA_TYPE_UINT8\x10\x01\x12\x15\n\x11\x44\x41TA_TYPE_FLOAT32\x10\x02\x12\x13\n\x0f\x44\x41TA_TYPE_INT64\x10\x03\x32\xa9\x01\n\x0cMnistService\x12>\n\x07Predict\x12\x18.mnist.v1.PredictRequest\x1a\x19.mnist.v1.PredictResponse\x12Y\n\x10GetModelMetadata\x12!.mnist.v1.GetModelMetadataRequest\x1a\".mnist.v1.GetModelMetadataResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16mnist/v1/predict.proto\x12\x08mnist.v1\"K\n\x06Tensor\x12!\n\x05\x64type\x18\x01 \x01(\x0e\x32\x12.mnist.v1.DataType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0f\n\x07\x63ontent\x18\x03 \x01(\x0c\"*\n\tModelSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\"[\n\x0ePredictRequest\x12\'\n\nmodel_spec\x18\x01 \x01(\x0b\x32\x13.mnist.v1.ModelSpec\x12 \n\x06images\x18\x02 \x01(\x0b\x32\x10.mnist.v1.Tensor\"\x86\x01\n\x0fPredictResponse\x12\'\n\nmodel_spec\x18\x01 \x01(\x0b\x32\x13.mnist.v1.ModelSpec\x12\'\n\rprobabilities\x18\x02 \x01(\x0b\x32\x10.mnist.v1.Tensor\x12!\n\x07\x63lasses\x18\x03 \x01(\x0b\x32\x10.mnist.v1.Tensor\"\'\n\x17GetModelMetadataRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"L\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12!\n\x05\x64type\x18\x02 \x01(\x0e\x32\x12.mnist.v1.DataType\x12\r\n\x05shape\x18\x03 \x03(\x03\"\x83\x01\n\x0bVersionInfo\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\x15\n\rtest_accuracy\x18\x02 \x01(\x01\x12\x11\n\ttest_loss\x18\x03 \x01(\x01\x12\x12\n\ntrained_at\x18\x04 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x05 \x01(\t\x12\x0f\n\x07runtime\x18\x06 \x01(\t\"\xd4\x01\n\x18GetModelMetadataResponse\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\'\n\x08versions\x18\x02 \x03(\x0b\x32\x15.mnist.v1.VersionInfo\x12$\n\x06inputs\x18\x03 \x03(\x0b\x32\x14.mnist.v1.TensorSpec\x12%\n\x07outputs\x18\x04 \x03(\x0b\x32\x14.mnist.v1.TensorSpec\x12\x14\n\x0c\x63lass_labels\x18\x05 \x03(\t\x12\x1e\n\x16max_images_per_request\x18\x06 \x01(\x03\"A\n\rFeedbackLabel\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\x03\x12\r\n\x05label\x18\x03 \x01(\x03\":\n\x0f\x46\x65\x65\x64\x62\x61\x63kRequest\x12\'\n\x06labels\x18\x01 \x03(\x0b\x32\x17.mnist.v1.FeedbackLabel\"a\n\x10\x46\x65\x65\x64\x62\x61\x63kResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x03\x12\x0f\n\x07unknown\x18\x02 \x01(\x03\x12\x11\n\tduplicate\x18\x03 \x01(\x03\x12\x17\n\x0funknown_indices\x18\x04 \x03(\x03*f\n\x08\x44\x61taType\x12\x19\n\x15\x44\x41TA_TYPE_UNSPECIFIED\x10\x00\x12\x13\n\x0f\x44\x41TA_TYPE_UINT8\x10\x01\x12\x15\n\x11\x44\x41TA_TYPE_FLOAT32\x10\x02\x12\x13\n\x0f\x44\x41TA_TYPE_INT64\x10\x03\x32\xec\x01\n\x0cMnistService\x12>\n\x07Predict\x12\x18.mnist.v1.PredictRequest\x1a\x19.mnist.v1.PredictResponse\x12Y\n\x10GetModelMetadata\x12!.mnist.v1.GetModelMetadataRequest\x1a\".mnist.v1.GetModelMetadataResponse\x12\x41\n\x08\x46\x65\x65\x64\x62\x61\x63k\x12\x19.mnist.v1.FeedbackRequest\x1a\x1a.mnist.v1.FeedbackResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'mnist.v1.predict_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DATATYPE']._serialized_start=855
-  _globals['_DATATYPE']._serialized_end=957
+  _globals['_DATATYPE']._serialized_start=1081
+  _globals['_DATATYPE']._serialized_end=1183
   _globals['_TENSOR']._serialized_start=36
   _globals['_TENSOR']._serialized_end=111
   _globals['_MODELSPEC']._serialized_start=113
@@ -49,6 +49,12 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_VERSIONINFO']._serialized_end=638
   _globals['_GETMODELMETADATARESPONSE']._serialized_start=641
   _globals['_GETMODELMETADATARESPONSE']._serialized_end=853
-  _globals['_MNISTSERVICE']._serialized_start=960
-  _globals['_MNISTSERVICE']._serialized_end=1129
+  _globals['_FEEDBACKLABEL']._serialized_start=855
+  _globals['_FEEDBACKLABEL']._serialized_end=920
+  _globals['_FEEDBACKREQUEST']._serialized_start=922
+  _globals['_FEEDBACKREQUEST']._serialized_end=980
+  _globals['_FEEDBACKRESPONSE']._serialized_start=982
+  _globals['_FEEDBACKRESPONSE']._serialized_end=1079
+  _globals['_MNISTSERVICE']._serialized_start=1186
+  _globals['_MNISTSERVICE']._serialized_end=1422
 # @@protoc_insertion_point(module_scope)

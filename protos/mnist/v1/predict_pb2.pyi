@@ -101,3 +101,31 @@ class GetModelMetadataResponse(_message.Message):
     class_labels: _containers.RepeatedScalarFieldContainer[str]
     max_images_per_request: int
     def __init__(self, name: _Optional[str] = ..., versions: _Optional[_Iterable[_Union[VersionInfo, _Mapping]]] = ..., inputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., outputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., class_labels: _Optional[_Iterable[str]] = ..., max_images_per_request: _Optional[int] = ...) -> None: ...
+
+class FeedbackLabel(_message.Message):
+    __slots__ = ("request_id", "index", "label")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    LABEL_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    index: int
+    label: int
+    def __init__(self, request_id: _Optional[str] = ..., index: _Optional[int] = ..., label: _Optional[int] = ...) -> None: ...
+
+class FeedbackRequest(_message.Message):
+    __slots__ = ("labels",)
+    LABELS_FIELD_NUMBER: _ClassVar[int]
+    labels: _containers.RepeatedCompositeFieldContainer[FeedbackLabel]
+    def __init__(self, labels: _Optional[_Iterable[_Union[FeedbackLabel, _Mapping]]] = ...) -> None: ...
+
+class FeedbackResponse(_message.Message):
+    __slots__ = ("accepted", "unknown", "duplicate", "unknown_indices")
+    ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    UNKNOWN_FIELD_NUMBER: _ClassVar[int]
+    DUPLICATE_FIELD_NUMBER: _ClassVar[int]
+    UNKNOWN_INDICES_FIELD_NUMBER: _ClassVar[int]
+    accepted: int
+    unknown: int
+    duplicate: int
+    unknown_indices: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, accepted: _Optional[int] = ..., unknown: _Optional[int] = ..., duplicate: _Optional[int] = ..., unknown_indices: _Optional[_Iterable[int]] = ...) -> None: ...

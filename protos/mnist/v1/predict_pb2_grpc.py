@@ -44,6 +44,11 @@ class MnistServiceStub:
                 request_serializer=mnist_dot_v1_dot_predict__pb2.GetModelMetadataRequest.SerializeToString,
                 response_deserializer=mnist_dot_v1_dot_predict__pb2.GetModelMetadataResponse.FromString,
                 _registered_method=True)
+        self.Feedback = channel.unary_unary(
+                '/mnist.v1.MnistService/Feedback',
+                request_serializer=mnist_dot_v1_dot_predict__pb2.FeedbackRequest.SerializeToString,
+                response_deserializer=mnist_dot_v1_dot_predict__pb2.FeedbackResponse.FromString,
+                _registered_method=True)
 
 
 class MnistServiceServicer:
@@ -64,6 +69,15 @@ class MnistServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Feedback(self, request, context):
+        """Ground truth for earlier answers: each label is joined to the prediction the
+        server made for (request_id, index), kept for a bounded recent window, and
+        counted into live accuracy per version. Also POST /v1/feedback on HTTP.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_MnistServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -76,6 +90,11 @@ def add_MnistServiceServicer_to_server(servicer, server):
                     servicer.GetModelMetadata,
                     request_deserializer=mnist_dot_v1_dot_predict__pb2.GetModelMetadataRequest.FromString,
                     response_serializer=mnist_dot_v1_dot_predict__pb2.GetModelMetadataResponse.SerializeToString,
+            ),
+            'Feedback': grpc.unary_unary_rpc_method_handler(
+                    servicer.Feedback,
+                    request_deserializer=mnist_dot_v1_dot_predict__pb2.FeedbackRequest.FromString,
+                    response_serializer=mnist_dot_v1_dot_predict__pb2.FeedbackResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -132,6 +151,33 @@ class MnistService:
             '/mnist.v1.MnistService/GetModelMetadata',
             mnist_dot_v1_dot_predict__pb2.GetModelMetadataRequest.SerializeToString,
             mnist_dot_v1_dot_predict__pb2.GetModelMetadataResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Feedback(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mnist.v1.MnistService/Feedback',
+            mnist_dot_v1_dot_predict__pb2.FeedbackRequest.SerializeToString,
+            mnist_dot_v1_dot_predict__pb2.FeedbackResponse.FromString,
             options,
             channel_credentials,
             insecure,
