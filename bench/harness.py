@@ -227,6 +227,22 @@ async def generate(
 # --- starting it in processes of its own (the benchmark's side) ------------------------
 
 
+def cpu_list(text: str) -> set[int]:
+    """'0-3,8' -> {0, 1, 2, 3, 8}"""
+    cpus: set[int] = set()
+    for part in text.split(","):
+        low, _, high = part.partition("-")
+        cpus.update(range(int(low), int(high or low) + 1))
+    return cpus
+
+
+def pin(pid: int, cpus: set[int]) -> None:
+    """Pin a running process to `cpus`: every thread it has now (sched_setaffinity on a pid
+    moves that one thread only), and so every thread they start later."""
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        os.sched_setaffinity(int(task.name), cpus)
+
+
 def load(
     target: str,
     images: int,

@@ -16,19 +16,22 @@ from pathlib import Path
 
 from mnist_serving.server.launcher import ServerProcess
 
-from .harness import Row, Stats, load, print_table, row, write_json
+from .harness import Row, Stats, cpu_list, load, pin, print_table, row, write_json
 
 ONLINE_CLIENTS = 4
 BATCH_IMAGES = 1024
 BATCH_IN_FLIGHT = 4
 
 
+LOAD_CPUS: set[int] | None = None  # --load-cpus
+
+
 def online(target: str, seconds: float) -> Stats:
-    return load(target, 1, ONLINE_CLIENTS, seconds, connections=ONLINE_CLIENTS)
+    return load(target, 1, ONLINE_CLIENTS, seconds, connections=ONLINE_CLIENTS, cpus=LOAD_CPUS)
 
 
 def batch(target: str, seconds: float, priority: str | None) -> Stats:
-    return load(target, BATCH_IMAGES, BATCH_IN_FLIGHT, seconds, priority=priority)
+    return load(target, BATCH_IMAGES, BATCH_IN_FLIGHT, seconds, priority=priority, cpus=LOAD_CPUS)
 
 
 def together(target: str, seconds: float, priority: str | None) -> tuple[Stats, Stats]:
@@ -76,10 +79,16 @@ def main() -> None:
     parser.add_argument("--model-dir", type=Path, default=Path("models/mnist"))
     parser.add_argument("--seconds", type=float, default=5.0, help="measured time per run")
     parser.add_argument("--json", type=Path, help="also write the rows here")
+    parser.add_argument("--server-cpus", help="pin the server to these CPUs (e.g. 0 or 0-7)")
+    parser.add_argument("--load-cpus", help="pin the load generators to these CPUs")
     parser.add_argument("server_args", nargs="*", help="extra mnist-serve flags (after --)")
     args = parser.parse_args()
+    global LOAD_CPUS
+    LOAD_CPUS = cpu_list(args.load_cpus) if args.load_cpus else None
 
     server = ServerProcess(args.model_dir, "--poll-interval", "0", *args.server_args)
+    if args.server_cpus:
+        pin(server.process.pid, cpu_list(args.server_cpus))
     try:
         target = server.target
         alone = online(target, args.seconds)
@@ -111,6 +120,8 @@ def main() -> None:
         "batch": f"1 client, {BATCH_IN_FLIGHT} in flight x {BATCH_IMAGES} images",
         "seconds": args.seconds,
         "server_args": " ".join(args.server_args) or "defaults",
+        "server_cpus": args.server_cpus or "any",
+        "load_cpus": args.load_cpus or "any",
     }
     print_table(rows, settings)
     print(

@@ -26,19 +26,10 @@ from pathlib import Path
 from mnist_serving.server.launcher import ServerProcess
 
 from .echo import EchoProcess
-from .harness import Row, Stats, load, print_table, row, rss_mb, write_json
+from .harness import Row, Stats, cpu_list, load, pin, print_table, row, rss_mb, write_json
 
 BATCH = 256
 BATCH_CLIENTS = 4
-
-
-def cpu_list(text: str) -> set[int]:
-    """'0-3,8' -> {0, 1, 2, 3, 8}"""
-    cpus: set[int] = set()
-    for part in text.split(","):
-        low, _, high = part.partition("-")
-        cpus.update(range(int(low), int(high or low) + 1))
-    return cpus
 
 
 def worker_pids(server: ServerProcess) -> list[int]:
@@ -68,7 +59,7 @@ def run(args: argparse.Namespace) -> tuple[list[Row], dict[int, list[float]]]:
     echo = EchoProcess()
     try:
         if server_cpus:
-            os.sched_setaffinity(echo.process.pid, server_cpus)
+            pin(echo.process.pid, server_cpus)
         print(f"echo server, 1 image, {args.clients} clients ...", file=sys.stderr)
         echo_single = drive(echo.target, 1, args.clients)
     finally:
@@ -82,7 +73,7 @@ def run(args: argparse.Namespace) -> tuple[list[Row], dict[int, list[float]]]:
             pids = worker_pids(server)
             if server_cpus:
                 for pid in {server.process.pid, *pids}:
-                    os.sched_setaffinity(pid, server_cpus)
+                    pin(pid, server_cpus)
             print(f"--workers {count}: 1 image, {args.clients} clients ...", file=sys.stderr)
             single[count] = drive(server.target, 1, args.clients)
             print(f"--workers {count}: batch {BATCH}, {BATCH_CLIENTS} clients ...", file=sys.stderr)
