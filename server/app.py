@@ -16,7 +16,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
-from . import fds, tls, tracing
+from . import cpus, fds, tls, tracing
 from .access_log import AccessLog
 from .admission import Admission
 from .api import http, native, tfserving, v2
@@ -138,7 +138,16 @@ class ModelServer:
         # One inference thread: TensorFlow already spreads one call over the cores, and
         # serialising calls is what lets the batcher merge the requests that queue meanwhile.
         self._inference = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
-        self.registry = ModelRegistry(settings, self._inference)
+        # Batch-class chunks run on a thread of their own at a lower OS priority (--batch-nice):
+        # when a chunk and the threads that answer online calls compete for a core, the OS
+        # runs the online side first. The batcher still makes one model call at a time.
+        self._batch_inference = ThreadPoolExecutor(
+            max_workers=1,
+            thread_name_prefix="inference-batch",
+            initializer=cpus.lower_thread_priority,
+            initargs=(settings.batch_nice,),
+        )
+        self.registry = ModelRegistry(settings, self._inference, self._batch_inference)
         self.core = InferenceCore(self.registry, settings)
         # The door every call passes, and the per-call path around every call of every API.
         self.admission = Admission()
@@ -308,6 +317,7 @@ class ModelServer:
         if self._metrics_http is not None:
             await self._metrics_http.stop()
         self._inference.shutdown(wait=False)
+        self._batch_inference.shutdown(wait=False)
         # The last access log lines and spans: written and exported before the exit.
         if self.access_log is not None:
             await asyncio.to_thread(self.access_log.close)

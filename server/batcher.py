@@ -91,9 +91,13 @@ class Batcher:
         max_queued_batch_images: int | None = None,
         batch_chunk_images: int | None = None,
         batch_every: int = 4,
+        batch_executor: Executor | None = None,
     ) -> None:
         self._predict = predict
-        self._executor = executor
+        self._executors: dict[Priority, Executor] = {
+            ONLINE: executor,
+            BATCH: batch_executor or executor,  # a lower-priority thread (app.py)
+        }
         self.max_batch_size = max_batch_size
         self.timeout = timeout
         self.limits: dict[Priority, int] = {
@@ -246,12 +250,12 @@ class Batcher:
             if len(parts) == 1
             else np.concatenate([p.request.images[p.start : p.stop] for p in parts])
         )
-        self._running = parts[0].request.priority  # a call holds one class's work
+        priority = self._running = parts[0].request.priority  # a call holds one class's work
         span = None
         if tracing.tracer is not None:  # one span, linked to every request it answers
             span = tracing.start_model_span((p.request.span for p in parts), len(images))
         try:
-            result = await run_model(self._predict, self._executor, images)
+            result = await run_model(self._predict, self._executors[priority], images)
         except Exception as error:  # every caller of a failed call learns of it
             for part in parts:
                 if not part.request.future.done():

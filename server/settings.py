@@ -87,6 +87,14 @@ class Settings(BaseSettings):
         description="while online calls keep the model busy, one model call in this many "
         "still runs batch-class work, so batch jobs are never starved",
     )
+    batch_nice: int = Field(
+        10,
+        ge=0,
+        le=19,
+        description="the nice value of the thread that runs batch-class model calls: above "
+        "0, the OS runs the threads that answer online calls first when they compete for a "
+        "core (0: batch work runs at the server's own priority)",
+    )
     poll_interval: float = Field(
         2.0, ge=0, description="seconds between scans of --model-dir for versions (0: load once)"
     )

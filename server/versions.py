@@ -112,10 +112,13 @@ def admits(version: int, settings: Settings) -> bool:
 
 
 class ModelRegistry:
-    def __init__(self, settings: Settings, inference: Executor) -> None:
+    def __init__(
+        self, settings: Settings, inference: Executor, batch_inference: Executor | None = None
+    ) -> None:
         self.settings = settings
         self.name = settings.model_name
         self._inference = inference
+        self._batch_inference = batch_inference or inference  # batch-class chunks
         # Loading runs beside inference, never in its way.
         self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model-load")
         self._loading: Path | None = None  # set by the loader thread itself
@@ -300,6 +303,7 @@ class ModelRegistry:
                     max_queued_batch_images=self.settings.max_queued_batch_images,
                     batch_chunk_images=self.settings.batch_chunk_images,
                     batch_every=self.settings.batch_every,
+                    batch_executor=self._batch_inference,
                 )
         logger.info(
             "version loaded",

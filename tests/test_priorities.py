@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import json
+import os
 import threading
 import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -415,3 +418,30 @@ def test_a_bad_priority_over_http_is_400_with_the_accepted_values(
     assert status == 400
     assert "online" in answer["error"]
     assert "batch" in answer["error"]
+
+
+def thread_nice_values(pid: int) -> list[int]:
+    """The nice value of each thread of process `pid` (field 19 of /proc/PID/task/TID/stat)."""
+    values = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(FileNotFoundError):  # a thread that just ended
+            fields = (task / "stat").read_text().rpartition(")")[2].split()
+            values.append(int(fields[16]))
+    return values
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs Linux's /proc")
+def test_batch_chunks_run_on_one_thread_at_the_batch_nice_value(tiny_model_dir: Path) -> None:
+    server = ServerProcess(tiny_model_dir, "--poll-interval", "0", "--batch-nice", "7")
+    try:
+        pid = server.process.pid
+        base = os.getpriority(os.PRIO_PROCESS, pid)  # the server's own (the test's, inherited)
+        with grpc.insecure_channel(server.target) as channel:
+            stub = predict_pb2_grpc.MnistServiceStub(channel)
+            stub.Predict(native_request(3), metadata=(("mnist-priority", "online"),))
+            assert set(thread_nice_values(pid)) == {base}  # online work runs at the server's
+            stub.Predict(native_request(600), metadata=BATCH_METADATA)  # three chunks
+        assert thread_nice_values(pid).count(base + 7) == 1
+        assert set(thread_nice_values(pid)) == {base, base + 7}
+    finally:
+        assert server.stop() == 0, server.log

@@ -226,9 +226,11 @@ class Held:
         self.release = threading.Event()
 
     def hold_inference(self) -> None:
-        """Keep the model's one thread busy until `release` is set: calls wait in the queue."""
+        """Keep the model's threads (online and batch class) busy until `release` is set:
+        calls wait in the queue."""
         self.release.clear()
         self.server._inference.submit(self.release.wait, 300)
+        self.server._batch_inference.submit(self.release.wait, 300)
 
 
 @contextlib.asynccontextmanager
