@@ -15,6 +15,7 @@ from mnist_serving.contract import NUM_CLASSES
 
 from .call_context import current_call
 from .errors import ModelNotFound, NotReady
+from .observers import Observer
 from .runtimes.base import Prediction
 from .settings import Settings
 from .validation import decode_images
@@ -40,9 +41,13 @@ class VersionReport:
 
 
 class InferenceCore:
-    def __init__(self, registry: ModelRegistry, settings: Settings) -> None:
+    def __init__(
+        self, registry: ModelRegistry, settings: Settings, observers: Sequence[Observer] = ()
+    ) -> None:
         self.registry = registry
         self.settings = settings
+        # What watches every answer (server/observers.py): drift, feedback, prediction log.
+        self.observers = tuple(observers)
         # Whether the server takes inference requests: app.py sets it once serving and
         # clears it at shutdown; the readiness answers of every API follow it.
         self.ready = False
@@ -70,6 +75,8 @@ class InferenceCore:
         call = current_call()
         call.images, call.model_version = len(images), served.version  # the access log's
         prediction = await served.predict(images, deadline, call.priority)
+        for observer in self.observers:
+            observer.observe(call, images, prediction, served.version)
         return Answer(prediction, self.registry.name, served.version)
 
     def versions(self, model_name: str = "") -> list[VersionReport]:
