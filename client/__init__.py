@@ -29,14 +29,18 @@ from .errors import (
     ProtocolError,
     Unavailable,
 )
+from .feedback import MAX_FEEDBACK_LABELS, FeedbackLabel, FeedbackResult
 from .metadata import ModelMetadata, TensorSpec, VersionInfo
 
 __all__ = [
+    "MAX_FEEDBACK_LABELS",
     "NO_RETRY",
     "PRIORITIES",
     "SERVICE_NAME",
     "AsyncMnistClient",
     "DeadlineExceeded",
+    "FeedbackLabel",
+    "FeedbackResult",
     "InvalidInput",
     "MnistClient",
     "MnistError",

@@ -7,6 +7,7 @@ many `predict` calls may be in flight at once on its one channel (or its `connec
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterable
 from types import TracebackType
 from typing import Any
 
@@ -25,7 +26,14 @@ from .client import (
     status_name,
 )
 from .codec import Prediction, as_batch, decode_prediction
-from .errors import from_rpc_error
+from .errors import MnistError, from_rpc_error
+from .feedback import (
+    MAX_FEEDBACK_LABELS,
+    FeedbackLabel,
+    FeedbackResult,
+    feedback_requests,
+    partial_failure,
+)
 from .metadata import ModelMetadata
 
 
@@ -77,6 +85,30 @@ class AsyncMnistClient(ClientSettings):
             parts.append(answered_by(decode_prediction(response, len(chunk)), trailing))
             version = version or parts[-1].model_version
         return Prediction.concatenate(parts)
+
+    async def feedback(
+        self,
+        labels: Iterable[FeedbackLabel],
+        *,
+        timeout: float | None = None,
+        chunk_size: int = MAX_FEEDBACK_LABELS,
+    ) -> FeedbackResult:
+        """See MnistClient.feedback; the chunks are sent one after the other."""
+        total = FeedbackResult()
+        try:
+            for offset, request in feedback_requests(labels, chunk_size):
+                response = await self._next(self._stubs).Feedback(
+                    request,
+                    timeout=self._timeout(timeout),
+                    metadata=self._metadata(),
+                    wait_for_ready=self.wait_for_ready,
+                )
+                total += FeedbackResult.from_proto(response, offset)
+        except grpc.RpcError as error:
+            raise partial_failure(from_rpc_error(error), total) from error
+        except MnistError as error:
+            raise partial_failure(error, total) from None
+        return total
 
     async def metadata(self, *, timeout: float | None = None) -> ModelMetadata:
         request = predict_pb2.GetModelMetadataRequest(name=self.model_name)

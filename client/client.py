@@ -12,7 +12,7 @@ import dataclasses
 import itertools
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -26,7 +26,14 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from mnist_serving.protos.mnist.v1 import predict_pb2, predict_pb2_grpc
 
 from .codec import PIXELS, Prediction, as_batch, decode_prediction, encode_images
-from .errors import REQUEST_ID_METADATA, from_rpc_error, request_id_in
+from .errors import REQUEST_ID_METADATA, MnistError, from_rpc_error, request_id_in
+from .feedback import (
+    MAX_FEEDBACK_LABELS,
+    FeedbackLabel,
+    FeedbackResult,
+    feedback_requests,
+    partial_failure,
+)
 from .metadata import ModelMetadata
 from .tracing import trace_metadata
 
@@ -307,6 +314,34 @@ class MnistClient(ClientSettings):
             )
             version = version or parts[-1].model_version
         return Prediction.concatenate(parts)
+
+    def feedback(
+        self,
+        labels: Iterable[FeedbackLabel],
+        *,
+        timeout: float | None = None,
+        chunk_size: int = MAX_FEEDBACK_LABELS,
+    ) -> FeedbackResult:
+        """Send the true label of earlier predictions: (request_id, index, label) each, where
+        `request_id` is one of a Prediction's `request_ids` and `index` the image's position
+        in that call. Sent in calls of at most `chunk_size` (the server's limit, 10,000);
+        the answers are summed. A bad label raises InvalidInput before its chunk is sent; a
+        failed call raises, saying what the chunks before it did."""
+        total = FeedbackResult()
+        try:
+            for offset, request in feedback_requests(labels, chunk_size):
+                response = self._next(self._stubs).Feedback(
+                    request,
+                    timeout=self._timeout(timeout),
+                    metadata=self._metadata(),
+                    wait_for_ready=self.wait_for_ready,
+                )
+                total += FeedbackResult.from_proto(response, offset)
+        except grpc.RpcError as error:
+            raise partial_failure(from_rpc_error(error), total) from error
+        except MnistError as error:
+            raise partial_failure(error, total) from None
+        return total
 
     def metadata(self, *, timeout: float | None = None) -> ModelMetadata:
         request = predict_pb2.GetModelMetadataRequest(name=self.model_name)

@@ -4,6 +4,11 @@ No TensorFlow and no model: the "prediction" is a deterministic function of the 
 (`expected`), so tests can check order and reassembly exactly. Failures are injected per
 call (`fail_next`) and every attempt is recorded (`calls`, with the priority class its
 metadata declared), which is how retry tests count.
+
+Like the real server, every Predict answer carries a request ID (the caller's x-request-id,
+else a new one) in its trailing metadata, and Feedback joins (request_id, index, label) to
+the predictions it made, by the contract of protos/mnist/v1/predict.proto (at most 10,000
+labels a call; label 0..9 and a request ID, else INVALID_ARGUMENT).
 """
 
 from __future__ import annotations
@@ -24,6 +29,8 @@ from mnist_serving.protos.mnist.v1 import predict_pb2, predict_pb2_grpc
 
 SERVICE_NAME = "mnist.v1.MnistService"
 PRIORITY_METADATA = "mnist-priority"  # the server's key (server/call_context.py)
+REQUEST_ID_METADATA = "x-request-id"
+MAX_FEEDBACK_LABELS = 10_000
 VERSIONS = (2, 1)  # newest first
 
 
@@ -54,16 +61,28 @@ class FakeMnistService(predict_pb2_grpc.MnistServiceServicer):  # type: ignore[m
     calls: list[Call] = field(default_factory=list)
     in_flight: int = 0
     max_in_flight: int = 0  # the most Predict calls handled at once
+    # (request_id, index) -> the class predicted; and those that got a label, with it.
+    predicted: dict[tuple[str, int], int] = field(default_factory=dict)
+    labelled: dict[tuple[str, int], int] = field(default_factory=dict)
+    feedback_sizes: list[int] = field(default_factory=list)  # labels per Feedback call
     _failures: deque[tuple[grpc.StatusCode, str]] = field(default_factory=deque)
+    _failing_method: str = "Predict"
     _let_through: int = 0
+    _next_id: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def fail_next(
-        self, code: grpc.StatusCode, times: int = 1, details: str = "", after: int = 0
+        self,
+        code: grpc.StatusCode,
+        times: int = 1,
+        details: str = "",
+        after: int = 0,
+        method: str = "Predict",
     ) -> None:
-        """Let `after` Predict calls through, then fail `times` of them with `code`."""
+        """Let `after` calls of `method` through, then fail `times` of them with `code`."""
         with self._lock:
             self._let_through = after
+            self._failing_method = method
             for _ in range(times):
                 self._failures.append((code, details or f"injected {code.name}"))
 
@@ -82,7 +101,7 @@ class FakeMnistService(predict_pb2_grpc.MnistServiceServicer):  # type: ignore[m
         with self._lock:
             self.calls.append(call)
             failure = None
-            if call.method == "Predict" and self._failures:
+            if call.method == self._failing_method and self._failures:
                 if self._let_through:
                     self._let_through -= 1
                 else:
@@ -135,6 +154,11 @@ class FakeMnistService(predict_pb2_grpc.MnistServiceServicer):  # type: ignore[m
         finally:
             with self._lock:
                 self.in_flight -= 1
+        request_id = self._request_id(context)
+        with self._lock:
+            for index, klass in enumerate(classes.tolist()):
+                self.predicted[(request_id, index)] = klass
+        context.set_trailing_metadata(((REQUEST_ID_METADATA, request_id),))
         return predict_pb2.PredictResponse(
             model_spec=predict_pb2.ModelSpec(
                 name="mnist", version=request.model_spec.version or VERSIONS[0]
@@ -149,6 +173,53 @@ class FakeMnistService(predict_pb2_grpc.MnistServiceServicer):  # type: ignore[m
                 shape=classes.shape,
                 content=classes.astype("<i8").tobytes(),
             ),
+        )
+
+    def _request_id(self, context: grpc.ServicerContext) -> str:
+        for key, value in context.invocation_metadata() or ():
+            if key == REQUEST_ID_METADATA and 1 <= len(str(value)) <= 128:
+                return str(value)
+        with self._lock:
+            self._next_id += 1
+            return f"fake-{self._next_id:08d}"
+
+    def Feedback(
+        self, request: predict_pb2.FeedbackRequest, context: grpc.ServicerContext
+    ) -> predict_pb2.FeedbackResponse:
+        self._enter(context, Call("Feedback", len(request.labels), 0, ""))
+        if len(request.labels) > MAX_FEEDBACK_LABELS:
+            context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"{len(request.labels)} labels exceed the limit of {MAX_FEEDBACK_LABELS} a call",
+            )
+        for position, label in enumerate(request.labels):
+            if not label.request_id:
+                context.abort(
+                    grpc.StatusCode.INVALID_ARGUMENT, f"labels[{position}]: empty request_id"
+                )
+            if not 0 <= label.label <= 9:
+                context.abort(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"labels[{position}]: label {label.label} is not 0..9",
+                )
+        accepted = duplicate = 0
+        unknown: list[int] = []
+        with self._lock:
+            self.feedback_sizes.append(len(request.labels))
+            for position, label in enumerate(request.labels):
+                key = (label.request_id, label.index)
+                if key not in self.predicted:
+                    unknown.append(position)
+                elif key in self.labelled:
+                    duplicate += 1
+                else:
+                    self.labelled[key] = label.label
+                    accepted += 1
+        return predict_pb2.FeedbackResponse(
+            accepted=accepted,
+            unknown=len(unknown),
+            duplicate=duplicate,
+            unknown_indices=unknown,
         )
 
     def GetModelMetadata(

@@ -1,0 +1,215 @@
+"""`feedback()` of both clients, and `mnist-client feedback FILE.csv`, against a real gRPC
+server: tests/fake_server.py, which implements MnistService.Feedback by the contract (the
+real mnist-serve is used too where it implements Feedback)."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+
+from mnist_serving.client import (
+    AsyncMnistClient,
+    FeedbackResult,
+    InvalidInput,
+    MnistClient,
+    RetryPolicy,
+    Unavailable,
+)
+from mnist_serving.client.__main__ import main
+
+from .fake_server import FakeServer, expected, running_fake_server
+from .support import ServerProcess
+
+FAST_RETRY = RetryPolicy(max_attempts=3, initial_backoff=0.01, max_backoff=0.05)
+
+
+@pytest.fixture
+def fake() -> Iterator[FakeServer]:
+    with running_fake_server() as server:
+        yield server
+
+
+@pytest.fixture
+def client(fake: FakeServer) -> Iterator[MnistClient]:
+    with MnistClient(fake.target, retry=FAST_RETRY, timeout=10) as client:
+        yield client
+
+
+def images(count: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (count, 28, 28), dtype=np.uint8)
+
+
+def test_feedback_joins_labels_to_the_predictions_by_request_id_and_index(
+    client: MnistClient, fake: FakeServer
+) -> None:
+    batch = images(5)
+    prediction = client.predict(batch)
+    (request_id,) = prediction.request_ids
+    truth = [3, 1, 4, 1, 5]
+    labels = [(request_id, i, label) for i, label in enumerate(truth)]
+    labels.append(("never-issued", 0, 7))
+    labels.append((request_id, 5, 2))  # the call had 5 images: index 5 is unknown
+    labels.append((request_id, 0, 9))  # already labelled
+
+    result = client.feedback(labels)
+
+    assert result == FeedbackResult(accepted=5, unknown=2, duplicate=1, unknown_positions=(5, 6))
+    assert result.sent == 8
+    assert str(result) == "8 labels: 5 accepted, 2 unknown or expired, 1 duplicate"
+    assert fake.service.labelled == {(request_id, i): t for i, t in enumerate(truth)}
+    _, classes = expected(batch)
+    assert [fake.service.predicted[(request_id, i)] for i in range(5)] == classes.tolist()
+
+
+def test_feedback_is_sent_in_chunks_and_the_answers_are_summed(
+    client: MnistClient, fake: FakeServer
+) -> None:
+    request_id = client.predict(images(3)).request_ids[0]
+    labels = [(request_id, i % 3, 1) for i in range(23_456)]
+    labels[12_000] = ("expired", 0, 1)
+    labels[23_455] = ("expired", 0, 1)
+
+    result = client.feedback(iter(labels))  # any iterable, read lazily
+
+    assert fake.service.feedback_sizes == [10_000, 10_000, 3_456]
+    assert result.accepted == 3
+    assert result.unknown == 2
+    assert result.duplicate == 23_456 - 5
+    assert result.unknown_positions == (12_000, 23_455)  # across chunks, not per call
+
+
+def test_smaller_chunks_and_numpy_integers(client: MnistClient, fake: FakeServer) -> None:
+    prediction = client.predict(images(7))
+    rid = prediction.request_id
+    assert rid is not None
+    labels = [(rid, np.int64(i), np.int8(c)) for i, c in enumerate(prediction.classes)]
+    result = client.feedback(labels, chunk_size=3)
+    assert fake.service.feedback_sizes == [3, 3, 1]
+    assert result == FeedbackResult(accepted=7)
+    with pytest.raises(ValueError, match="chunk_size"):
+        client.feedback(labels, chunk_size=10_001)
+
+
+@pytest.mark.parametrize(
+    ("label", "message"),
+    [
+        (("", 0, 1), "feedback label 1: empty or missing request ID"),
+        (("a", -1, 1), "feedback label 1: index must be a whole number >= 0, got -1"),
+        (("a", 0, 10), "feedback label 1: label must be 0..9, got 10"),
+        (("a", 0, 2.0), "feedback label 1: label must be 0..9, got 2.0"),
+        (("a", 0), "feedback label 1: expected (request_id, index, label)"),
+        (("\u00e9t\u00e9", 0, 1), "is not 1 to 128 printable ASCII"),
+        (("x" * 129, 0, 1), "is not 1 to 128 printable ASCII"),
+    ],
+)
+def test_a_bad_label_is_refused_before_its_chunk_is_sent(
+    client: MnistClient, fake: FakeServer, label: tuple[object, ...], message: str
+) -> None:
+    with pytest.raises(InvalidInput, match=re.escape(message)) as raised:
+        client.feedback([("a", 0, 1), label])  # type: ignore[list-item]
+    assert raised.value.code is None  # the client's fault, not the server's answer
+    assert fake.service.feedback_sizes == []
+
+
+def test_a_bad_label_in_a_later_chunk_says_what_was_already_sent(
+    client: MnistClient, fake: FakeServer
+) -> None:
+    rid = client.predict(images(2)).request_ids[0]
+    labels = [(rid, 0, 1), (rid, 1, 2), ("other", 0, 3), (rid, 0, 11)]
+    with pytest.raises(InvalidInput) as raised:
+        client.feedback(labels, chunk_size=3)
+    assert str(raised.value) == (
+        "feedback label 3: label must be 0..9, got 11 (the 3 labels before it were sent: "
+        "2 accepted, 1 unknown, 0 duplicate)"
+    )
+    assert fake.service.feedback_sizes == [3]
+
+
+def test_the_server_refusing_a_call_is_a_typed_error(client: MnistClient) -> None:
+    """The server's own checks (here: more than 10,000 labels, which the client never sends
+    by itself) come back as INVALID_ARGUMENT with the server's message."""
+    from mnist_serving.protos.mnist.v1 import predict_pb2, predict_pb2_grpc
+
+    with grpc.insecure_channel(client.target) as channel:
+        stub = predict_pb2_grpc.MnistServiceStub(channel)
+        request = predict_pb2.FeedbackRequest(
+            labels=[predict_pb2.FeedbackLabel(request_id="a", index=0, label=1)] * 10_001
+        )
+        with pytest.raises(grpc.RpcError) as raised:
+            stub.Feedback(request, timeout=10)
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "10001 labels exceed the limit of 10000" in str(raised.value.details())
+
+
+def test_unavailable_is_retried_then_answered(client: MnistClient, fake: FakeServer) -> None:
+    rid = client.predict(images(1)).request_ids[0]
+    fake.service.fail_next(grpc.StatusCode.UNAVAILABLE, times=2, method="Feedback")
+    assert client.feedback([(rid, 0, 4)]) == FeedbackResult(accepted=1)
+    assert [c.method for c in fake.service.calls].count("Feedback") == 3
+
+
+def test_a_failed_later_call_says_what_was_already_sent(
+    client: MnistClient, fake: FakeServer
+) -> None:
+    rid = client.predict(images(4)).request_ids[0]
+    fake.service.fail_next(grpc.StatusCode.UNAVAILABLE, times=3, after=1, method="Feedback")
+    with pytest.raises(Unavailable) as raised:
+        client.feedback([(rid, i, 1) for i in range(4)], chunk_size=2)
+    assert str(raised.value) == (
+        "UNAVAILABLE: injected UNAVAILABLE (the 2 labels before it were sent: 2 accepted, "
+        "0 unknown, 0 duplicate)"
+    )
+
+
+def test_feedback_declares_the_clients_priority(fake: FakeServer) -> None:
+    with MnistClient(fake.target, priority="batch") as client:
+        client.feedback([("a", 0, 1)])
+    (call,) = [c for c in fake.service.calls if c.method == "Feedback"]
+    assert call.priority == "batch"
+
+
+def test_async_feedback(fake: FakeServer) -> None:
+    async def run() -> tuple[FeedbackResult, list[str]]:
+        async with AsyncMnistClient(fake.target, retry=FAST_RETRY) as client:
+            prediction = await client.predict(images(6), request_id="job-17")
+            assert prediction.request_ids == ("job-17",)
+            labels = [("job-17", i, 0) for i in range(6)] + [("job-18", 0, 0)]
+            fake.service.fail_next(grpc.StatusCode.UNAVAILABLE, method="Feedback")
+            return await client.feedback(labels, chunk_size=4), list(prediction.request_ids)
+
+    result, _ = asyncio.run(run())
+    assert result == FeedbackResult(accepted=6, unknown=1, unknown_positions=(6,))
+    assert fake.service.feedback_sizes == [4, 3]
+
+
+# --- the real server, where it implements Feedback ------------------------------------------
+
+
+def _server_has_feedback() -> bool:
+    from mnist_serving.server.api.native import MnistServicer
+
+    return hasattr(MnistServicer, "Feedback")
+
+
+@pytest.mark.skipif(
+    not _server_has_feedback(), reason="this checkout's mnist-serve has no Feedback RPC yet"
+)
+def test_feedback_against_the_real_server(served_tiny: ServerProcess, tmp_path: Path) -> None:
+    batch = images(4, seed=5)
+    with MnistClient(served_tiny.target, timeout=30) as client:
+        prediction = client.predict(batch)
+        rid = prediction.request_ids[0]
+        labels = [(rid, i, int(c)) for i, c in enumerate(prediction.classes)]
+        result = client.feedback([*labels, ("no-such-call", 0, 1), labels[0]])
+    assert (result.accepted, result.unknown, result.duplicate) == (4, 1, 1)
+    assert result.unknown_positions == (4,)
+
+    csv = tmp_path / "labels.csv"
+    csv.write_text("request_id,index,label\n" + "".join(f"{r},{i},{c}\n" for r, i, c in labels))
+    assert main(["feedback", "--target", served_tiny.target, str(csv)]) == 0
