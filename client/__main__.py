@@ -33,6 +33,7 @@ from .client import (
 )
 from .codec import Prediction
 from .errors import InputFileError, MnistError
+from .feedback import MAX_FEEDBACK_LABELS, read_feedback_csv
 from .inputs import SPLITS, open_source
 from .scoring import (
     DEFAULT_BATCH_SIZE,
@@ -179,6 +180,29 @@ def _parser() -> argparse.ArgumentParser:
     _priority_option(score, BATCH, "default: %(default)s, behind online callers")
     _ray_options(score)
     score.set_defaults(command=_score)
+
+    feedback = commands.add_parser(
+        "feedback",
+        parents=[common],
+        help="send the true labels of earlier predictions (a CSV of request_id, index, label)",
+        description=(
+            "Send ground truth for earlier predictions. FILE is a CSV with a header naming "
+            "the columns request_id, label and optionally index (the image's position in "
+            "its call; 0 when absent or empty); other columns are ignored, so the output of "
+            "`score --request-ids` with a label column added will do. Every row is checked "
+            "before anything is sent. Exit 1 when some labels matched no prediction the "
+            "server remembers (they are listed on stderr)."
+        ),
+    )
+    feedback.add_argument("file", type=Path, metavar="FILE.csv", help='a CSV file; "-": stdin')
+    feedback.add_argument(
+        "--chunk-size",
+        type=_positive(int),
+        default=MAX_FEEDBACK_LABELS,
+        help="labels per call (default and most: %(default)s)",
+    )
+    _timeout_option(feedback, DEFAULT_TIMEOUT)
+    feedback.set_defaults(command=_feedback)
 
     to_parquet = commands.add_parser(
         "to-parquet",
@@ -574,6 +598,27 @@ def _native_stderr_to_file() -> Iterator[Path]:
         os.dup2(terminal, 2)
         os.close(terminal)
         os.close(descriptor)
+
+
+def _feedback(args: argparse.Namespace) -> int:
+    if args.chunk_size > MAX_FEEDBACK_LABELS:
+        raise InputFileError(f"--chunk-size is at most {MAX_FEEDBACK_LABELS} (the server's limit)")
+    labels, lines = read_feedback_csv(args.file)
+    with _client(args) as client:
+        result = client.feedback(labels, chunk_size=args.chunk_size)
+    calls = -(-len(labels) // args.chunk_size)
+    print(f"sent {result} in {calls} call{'s' * (calls != 1)}")
+    shown = 10
+    for position in result.unknown_positions[:shown]:
+        request_id, index, _ = labels[position]
+        print(
+            f"mnist-client: {args.file} line {lines[position]}: no prediction remembered for "
+            f"request {request_id!r} index {index} (unknown or expired)",
+            file=sys.stderr,
+        )
+    if result.unknown > shown:
+        print(f"mnist-client: ... and {result.unknown - shown} more unknown", file=sys.stderr)
+    return EXIT_FAILED if result.unknown else 0
 
 
 def _to_parquet(args: argparse.Namespace) -> int:

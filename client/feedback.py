@@ -8,14 +8,18 @@ most `MAX_FEEDBACK_LABELS` and sum the answers into one `FeedbackResult`.
 
 from __future__ import annotations
 
+import csv
+import io
 import itertools
+import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 from mnist_serving.contract import NUM_CLASSES
 from mnist_serving.protos.mnist.v1 import predict_pb2
 
-from .errors import InvalidInput, MnistError
+from .errors import InputFileError, InvalidInput, MnistError
 
 # The server's limit per Feedback call (more is INVALID_ARGUMENT).
 MAX_FEEDBACK_LABELS = 10_000
@@ -129,3 +133,72 @@ def partial_failure(error: MnistError, done: FeedbackResult) -> MnistError:
     typed = type(error)(details, error.code)
     typed.request_id = error.request_id
     return typed
+
+
+# --- the CLI's file: request_id, index, label ------------------------------------------------
+
+CSV_COLUMNS = ("request_id", "index", "label")
+
+
+def read_feedback_csv(path: Path) -> tuple[list[FeedbackLabel], list[int]]:
+    """The labels of a CSV file with a header (columns request_id, label, and optionally
+    index: 0 when absent or empty; others ignored), and the line each came from. Every row
+    is checked; the first bad one raises InputFileError naming its line. "-" reads stdin."""
+    if str(path) == "-":
+        return _read_feedback(io.TextIOWrapper(sys.stdin.buffer, "utf-8-sig"), "<stdin>")
+    try:
+        with path.open(encoding="utf-8-sig", newline="") as stream:
+            return _read_feedback(stream, str(path))
+    except UnicodeDecodeError as error:
+        raise InputFileError(f"{path}: not a UTF-8 text file ({error.reason})") from None
+
+
+def _read_feedback(stream: io.TextIOBase, name: str) -> tuple[list[FeedbackLabel], list[int]]:
+    reader = csv.reader(stream)
+    header = next(reader, None)
+    if header is None:
+        raise InputFileError(f"{name}: empty file; expected a header: request_id,index,label")
+    columns = [c.strip() for c in header]
+    missing = [c for c in ("request_id", "label") if c not in columns]
+    if missing:
+        raise InputFileError(
+            f"{name} line 1: the header has no {' or '.join(missing)} column (it has "
+            f"{', '.join(map(repr, columns))}); expected request_id,index,label"
+        )
+    where = {c: columns.index(c) for c in CSV_COLUMNS if c in columns}
+    labels: list[FeedbackLabel] = []
+    lines: list[int] = []
+    # Lines are counted from where a row starts: a quoted field may span several.
+    next_line = reader.line_num + 1
+    for row in reader:
+        line, next_line = next_line, reader.line_num + 1
+        if not row or not any(field.strip() for field in row):
+            continue  # blank lines
+        if len(row) != len(columns):
+            raise InputFileError(
+                f"{name} line {line}: {len(row)} fields, the header has {len(columns)}"
+            )
+        request_id = row[where["request_id"]].strip()
+        index_text = row[where["index"]].strip() if "index" in where else ""
+        label_text = row[where["label"]].strip()
+        index = _whole(index_text or "0", name, line, "index")
+        label = _whole(label_text, name, line, "label")
+        try:
+            check_label(len(labels), (request_id, index, label))
+        except InvalidInput as error:
+            reason = error.details.split(": ", 1)[1]  # without "feedback label N"
+            raise InputFileError(f"{name} line {line}: {reason}") from None
+        labels.append((request_id, index, label))
+        lines.append(line)
+    if not labels:
+        raise InputFileError(f"{name}: no labels (only a header)")
+    return labels, lines
+
+
+def _whole(text: str, name: str, line: int, column: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise InputFileError(
+            f"{name} line {line}: {column} {text!r} is not a whole number"
+        ) from None

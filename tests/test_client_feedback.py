@@ -213,3 +213,99 @@ def test_feedback_against_the_real_server(served_tiny: ServerProcess, tmp_path: 
     csv = tmp_path / "labels.csv"
     csv.write_text("request_id,index,label\n" + "".join(f"{r},{i},{c}\n" for r, i, c in labels))
     assert main(["feedback", "--target", served_tiny.target, str(csv)]) == 0
+
+
+# --- mnist-client feedback FILE.csv -----------------------------------------------------------
+
+
+def test_cli_feedback_sends_a_csv_and_prints_a_summary(
+    fake: FakeServer, client: MnistClient, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    first = client.predict(images(3)).request_ids[0]
+    second = client.predict(images(1, seed=1), request_id='order, "17"').request_ids[0]
+    csv = tmp_path / "labels.csv"
+    csv.write_text(
+        "\ufefflabel,request_id,index,note\n"  # a BOM, any column order, extra columns
+        f"7,{first},0,a\n"
+        f"2,{first},2,\n"
+        "\n"
+        f'1,"order, ""17""",,no index: 0\n'
+        f"5,{first},0,again\n"
+        "3,gone,0,\n"
+    )
+    assert main(["feedback", "--target", fake.target, str(csv), "--chunk-size", "2"]) == 1
+    out, err = capsys.readouterr()
+    assert out == "sent 5 labels: 3 accepted, 1 unknown or expired, 1 duplicate in 3 calls\n"
+    assert err == (
+        f"mnist-client: {csv} line 7: no prediction remembered for request 'gone' index 0 "
+        "(unknown or expired)\n"
+    )
+    assert fake.service.labelled == {(first, 0): 7, (first, 2): 2, (second, 0): 1}
+    assert fake.service.feedback_sizes == [2, 2, 1]
+
+    # Every label known: exit 0 (duplicates are no failure: a rerun of a file is safe).
+    csv.write_text(f"request_id,label\n{first},7\n")
+    assert main(["feedback", "--target", fake.target, str(csv)]) == 0
+    assert capsys.readouterr().out == (
+        "sent 1 labels: 0 accepted, 0 unknown or expired, 1 duplicate in 1 call\n"
+    )
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("", "empty file; expected a header: request_id,index,label"),
+        ("request_id,index\n", "line 1: the header has no label column"),
+        ("request_id,index,label\n", "no labels (only a header)"),
+        ("request_id,index,label\na,0,1\nb,0,ten\n", "line 3: label 'ten' is not a whole number"),
+        ("request_id,index,label\na,0,1\nb,x,1\n", "line 3: index 'x' is not a whole number"),
+        ("request_id,index,label\na,0,1\nb,0,10\n", "line 3: label must be 0..9, got 10"),
+        ("request_id,index,label\na,-2,1\n", "line 2: index must be a whole number >= 0, got -2"),
+        ("request_id,index,label\n,0,1\n", "line 2: empty or missing request ID"),
+        ("request_id,index,label\na,0,1,9\n", "line 2: 4 fields, the header has 3"),
+        ('request_id,label,note\na,1,"two\nlines"\n\nc,x,\n', "line 5: label 'x'"),
+        ('request_id,index,label\n"a\nb",0,1\n', "line 2: request ID 'a\\nb' is not 1 to 128"),
+    ],
+)
+def test_cli_feedback_refuses_a_bad_file_before_sending_anything(
+    fake: FakeServer,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    text: str,
+    message: str,
+) -> None:
+    csv = tmp_path / "labels.csv"
+    csv.write_text(text)
+    assert main(["feedback", "--target", fake.target, str(csv)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"mnist-client: {csv}")
+    assert message in err
+    assert err.count("\n") == 1
+    assert fake.service.feedback_sizes == []
+
+
+def test_cli_feedback_usage_errors(
+    fake: FakeServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["feedback", "--target", fake.target, str(tmp_path / "missing.csv")]) == 1
+    assert "No such file" in capsys.readouterr().err
+    (tmp_path / "binary.csv").write_bytes(b"request_id,label\n\xff\xfe,1\n")
+    assert main(["feedback", "--target", fake.target, str(tmp_path / "binary.csv")]) == 2
+    assert "not a UTF-8 text file" in capsys.readouterr().err
+    (tmp_path / "ok.csv").write_text("request_id,label\na,1\n")
+    args = ["feedback", "--target", fake.target, str(tmp_path / "ok.csv"), "--chunk-size", "20000"]
+    assert main(args) == 2
+    assert "--chunk-size is at most 10000" in capsys.readouterr().err
+
+
+def test_cli_feedback_server_errors_exit_1(
+    fake: FakeServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    csv = tmp_path / "labels.csv"
+    csv.write_text("request_id,label\na,1\n")
+    fake.service.fail_next(grpc.StatusCode.PERMISSION_DENIED, details="role predict needed",
+                           method="Feedback")  # fmt: skip
+    assert main(["feedback", "--target", fake.target, str(csv)]) == 1
+    assert capsys.readouterr().err == (
+        f"mnist-client: {fake.target}: PERMISSION_DENIED: role predict needed\n"
+    )
