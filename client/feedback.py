@@ -15,6 +15,7 @@ import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import SupportsIndex
 
 from mnist_serving.contract import NUM_CLASSES
 from mnist_serving.protos.mnist.v1 import predict_pb2
@@ -26,7 +27,8 @@ MAX_FEEDBACK_LABELS = 10_000
 # The longest request ID a server keeps (printable ASCII).
 MAX_REQUEST_ID_LENGTH = 128
 
-FeedbackLabel = tuple[str, int, int]  # (request_id, index, label)
+# (request_id, index, label); numpy integers do too.
+FeedbackLabel = tuple[str, SupportsIndex, SupportsIndex]
 
 
 @dataclass(frozen=True)
