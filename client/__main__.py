@@ -175,6 +175,12 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="continue an interrupted OUT, retrying its failed rows (without it, OUT is replaced)",
     )
+    score.add_argument(
+        "--request-ids",
+        action="store_true",
+        help="write each row's request ID and its position in that call (columns request_id, "
+        "request_index), to send the job's true labels back with `mnist-client feedback`",
+    )
     score.add_argument("--no-progress", action="store_true", help="no progress bar")
     _timeout_option(score, DEFAULT_TIMEOUT)
     _priority_option(score, BATCH, "default: %(default)s, behind online callers")
@@ -429,6 +435,7 @@ def _score(args: argparse.Namespace) -> int:
         timeout=args.timeout,
         credentials=_credentials(args),
         priority=args.priority,
+        request_ids=args.request_ids,
     )
     bars: list[tqdm[Any]] = []
 
@@ -533,6 +540,7 @@ def _score_ray(args: argparse.Namespace) -> int:
         num_cpus=args.num_cpus,
         progress=not args.no_progress,
         priority=args.priority,
+        request_ids=args.request_ids,
     )
 
     def start(todo: int, kept: int) -> None:

@@ -140,7 +140,7 @@ def answered_by(prediction: Prediction, trailing_metadata: object) -> Prediction
     request_id = request_id_in(trailing_metadata)
     if request_id is None:
         return prediction
-    return dataclasses.replace(prediction, request_ids=(request_id,))
+    return dataclasses.replace(prediction, request_ids=(request_id,), part_sizes=(len(prediction),))
 
 
 def tls_credentials(

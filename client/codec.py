@@ -29,13 +29,15 @@ class Prediction:
 
     `model_version` is the version that answered (all parts of a split call are pinned to it).
     `request_ids` are the server's IDs of the RPCs that answered, one per part of a split
-    call (empty for a server that sends none); `request_id` is the first.
+    call (empty for a server that sends none); `request_id` is the first. `part_sizes` are
+    the images each of those RPCs answered.
     """
 
     probabilities: npt.NDArray[np.float32]
     classes: npt.NDArray[np.int64]
     model_version: int
     request_ids: tuple[str, ...] = ()
+    part_sizes: tuple[int, ...] = ()
 
     @property
     def request_id(self) -> str | None:
@@ -43,6 +45,19 @@ class Prediction:
 
     def __len__(self) -> int:
         return len(self.classes)
+
+    def image_request_ids(self) -> tuple[list[str], list[int]] | None:
+        """Per image, in input order: the request ID of the RPC that answered it and its
+        position in that RPC (what feedback names it by); None when the server sent no
+        request IDs (or not one for every part of a split call)."""
+        if not self.request_ids or len(self.part_sizes) != len(self.request_ids):
+            return None
+        ids = [i for i, size in zip(self.request_ids, self.part_sizes, strict=True)
+               for _ in range(size)]  # fmt: skip
+        positions = [p for size in self.part_sizes for p in range(size)]
+        if len(ids) != len(self):
+            return None
+        return ids, positions
 
     @property
     def confidence(self) -> npt.NDArray[np.float32]:
@@ -58,6 +73,7 @@ class Prediction:
             classes=np.concatenate([p.classes for p in parts]),
             model_version=parts[0].model_version,
             request_ids=tuple(i for p in parts for i in p.request_ids),
+            part_sizes=tuple(n for p in parts for n in p.part_sizes),
         )
 
 

@@ -140,12 +140,16 @@ def partial_failure(error: MnistError, done: FeedbackResult) -> MnistError:
 # --- the CLI's file: request_id, index, label ------------------------------------------------
 
 CSV_COLUMNS = ("request_id", "index", "label")
+# What `score --request-ids` names the position in the call: its own `index` column is the
+# row's position in the data set. When a file has both, this one is the position in the call.
+REQUEST_INDEX_COLUMN = "request_index"
 
 
 def read_feedback_csv(path: Path) -> tuple[list[FeedbackLabel], list[int]]:
     """The labels of a CSV file with a header (columns request_id, label, and optionally
-    index: 0 when absent or empty; others ignored), and the line each came from. Every row
-    is checked; the first bad one raises InputFileError naming its line. "-" reads stdin."""
+    index, or request_index as `score --request-ids` writes it, which wins over index: 0
+    when absent or empty; others ignored), and the line each came from. Every row is
+    checked; the first bad one raises InputFileError naming its line. "-" reads stdin."""
     if str(path) == "-":
         return _read_feedback(io.TextIOWrapper(sys.stdin.buffer, "utf-8-sig"), "<stdin>")
     try:
@@ -168,6 +172,8 @@ def _read_feedback(stream: io.TextIOBase, name: str) -> tuple[list[FeedbackLabel
             f"{', '.join(map(repr, columns))}); expected request_id,index,label"
         )
     where = {c: columns.index(c) for c in CSV_COLUMNS if c in columns}
+    if REQUEST_INDEX_COLUMN in columns:
+        where["index"] = columns.index(REQUEST_INDEX_COLUMN)
     labels: list[FeedbackLabel] = []
     lines: list[int] = []
     # Lines are counted from where a row starts: a quoted field may span several.

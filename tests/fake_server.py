@@ -58,6 +58,7 @@ class Call:
 class FakeMnistService(predict_pb2_grpc.MnistServiceServicer):  # type: ignore[misc]
     max_images_per_request: int = 4096
     delay: float = 0.0
+    send_request_ids: bool = True  # False: a server from before request IDs
     calls: list[Call] = field(default_factory=list)
     in_flight: int = 0
     max_in_flight: int = 0  # the most Predict calls handled at once
@@ -154,11 +155,12 @@ class FakeMnistService(predict_pb2_grpc.MnistServiceServicer):  # type: ignore[m
         finally:
             with self._lock:
                 self.in_flight -= 1
-        request_id = self._request_id(context)
-        with self._lock:
-            for index, klass in enumerate(classes.tolist()):
-                self.predicted[(request_id, index)] = klass
-        context.set_trailing_metadata(((REQUEST_ID_METADATA, request_id),))
+        if self.send_request_ids:
+            request_id = self._request_id(context)
+            with self._lock:
+                for index, klass in enumerate(classes.tolist()):
+                    self.predicted[(request_id, index)] = klass
+            context.set_trailing_metadata(((REQUEST_ID_METADATA, request_id),))
         return predict_pb2.PredictResponse(
             model_spec=predict_pb2.ModelSpec(
                 name="mnist", version=request.model_spec.version or VERSIONS[0]

@@ -435,6 +435,52 @@ def test_several_targets_share_the_calls_and_one_version_is_pinned(
         ].tolist()
 
 
+def test_request_ids_name_each_rows_call_and_one_job_keeps_its_columns(
+    ray_address: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--request-ids: request_id and request_index per row (null for an unreadable one),
+    each the prediction the server remembers for it; a rerun without the flag is refused."""
+    from PIL import Image
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for i in range(5):
+        image = np.zeros((28, 28), np.uint8)
+        image[4 : 10 + 3 * i, 8:20] = 255
+        Image.fromarray(image).save(folder / f"{i}.png")
+    (folder / "1.png").write_bytes(b"broken")
+    np.save(tmp_path / "b.npy", np.random.default_rng(4).integers(0, 256, (25, 28, 28), np.uint8))
+    inputs = [str(folder), str(tmp_path / "b.npy")]
+    out = tmp_path / "out"
+    with running_fake_server() as fake:
+        settings = job(fake.target, actors=1, batch_size=10, request_ids=True)
+        report = run_ray_job(settings, inputs, str(out))
+        assert report.rows == 30
+        assert report.failed_rows == 1
+        predicted = dict(fake.service.predicted)
+    table = pq.read_table(out)
+    assert table.schema.field("request_index").type == pa.int32()
+    rows = table.to_pylist()
+    broken = [r for r in rows if r["error"]]
+    assert [(r["key"], r["request_id"], r["request_index"]) for r in broken] == [
+        ("1.png", None, None)
+    ]
+    answered = [r for r in rows if not r["error"]]
+    keys = [(r["request_id"], r["request_index"]) for r in answered]
+    assert len(set(keys)) == 29
+    assert [predicted[k] for k in keys] == [r["class"] for r in answered]
+    by_key = {r["key"]: r for r in rows}
+    # The image shard's one call held 0, 2, 3, 4.png: positions 0..3; the array's three
+    # calls of 10, 10 and 5 count from 0 each.
+    assert [by_key[f"{k}.png"]["request_index"] for k in (0, 2, 3, 4)] == [0, 1, 2, 3]
+    array_rows = [by_key[f"{tmp_path / 'b.npy'}#{i}"] for i in range(25)]
+    assert [r["request_index"] for r in array_rows] == [*range(10), *range(10), *range(5)]
+    assert len({r["request_id"] for r in array_rows}) == 3
+
+    with pytest.raises(InputFileError, match="was started with --request-ids"):
+        run_ray_job(job("127.0.0.1:1", actors=1), inputs, str(out))
+
+
 def test_the_actors_declare_the_batch_class(
     ray_address: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

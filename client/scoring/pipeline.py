@@ -159,6 +159,9 @@ class JobSettings:
     # The class every call declares: a scoring job is bulk work, which the server keeps
     # behind online callers ("online" to compete with them; None to declare none).
     priority: Priority | None = BATCH
+    # Write each row's request ID and its position in that call (request_id, request_index),
+    # so that the job's true labels can be sent back as feedback.
+    request_ids: bool = False
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.concurrency < 1:
@@ -224,7 +227,7 @@ def run_job(
     Without `resume`, an existing `output` is replaced. `on_start(rows already done)` is
     called once before scoring, `on_rows(n)` after each batch is written (a progress bar).
     """
-    fmt = RowFormat.for_path(output, source.key_name)
+    fmt = RowFormat.for_path(output, source.key_name, settings.request_ids)
     existing = Existing(0, [], 0)
     if resume and output.exists():
         existing = read_existing(output, fmt, source)

@@ -52,7 +52,7 @@ from ..codec import Prediction
 from ..errors import InputFileError, NotFound, Unavailable
 from ..inputs import ArraySource
 from ..tracing import attached, trace_metadata
-from .outputs import prediction_table
+from .outputs import RequestIds, prediction_table
 from .pipeline import DEFAULT_BATCH_SIZE, DEFAULT_CONCURRENCY, batch_ranges, scored_batches
 from .report import confusion_matrix
 from .resume import is_temporary, write_atomically
@@ -88,6 +88,7 @@ class RayJobSettings:
     num_cpus: int | None = None  # of the local instance (None: all cores)
     progress: bool = True  # Ray Data's progress bars
     priority: Priority | None = BATCH  # the class every call declares (see JobSettings)
+    request_ids: bool = False  # columns request_id, request_index (see JobSettings)
 
     def __post_init__(self) -> None:
         check_priority(self.priority)
@@ -192,9 +193,11 @@ def run_ray_job(
         output = os.path.abspath(output)  # the actors' working folder may be another
     filesystem, folder = resolve(output)
     filesystem.create_dir(folder, recursive=True)
-    wanted = _pinned_version(filesystem, folder, shards, settings.model_version)
+    wanted = _pinned_version(
+        filesystem, folder, shards, settings.model_version, settings.request_ids
+    )
     version, batch_size = asyncio.run(_probe(settings, wanted))
-    _write_manifest(filesystem, folder, shards, version, inputs)
+    _write_manifest(filesystem, folder, shards, version, inputs, settings.request_ids)
 
     present = _committed(filesystem, folder)
     kept = [_kept(filesystem, folder, s) for s in shards if s.output in present]
@@ -220,6 +223,7 @@ def run_ray_job(
             output=output,
             priority=settings.priority,
             trace_context=trace_metadata(),
+            request_ids=settings.request_ids,
         )
         outcomes, actors = _run_on_ray(settings, worker, todo)
     elapsed = time.perf_counter() - started
@@ -326,10 +330,15 @@ def _client(
 
 
 def _pinned_version(
-    filesystem: pyarrow.fs.FileSystem, folder: str, shards: list[Shard], wanted: int
+    filesystem: pyarrow.fs.FileSystem,
+    folder: str,
+    shards: list[Shard],
+    wanted: int,
+    request_ids: bool = False,
 ) -> int:
     """The version an earlier start of this job pinned (0 if none); refuses another job's
-    folder, or a --model-version that differs from the pinned one."""
+    folder, a --model-version that differs from the pinned one, or a --request-ids that
+    differs from the first start's (one job's shards all have the same columns)."""
     path = f"{folder}/{MANIFEST}"
     try:
         with filesystem.open_input_stream(path) as stream:
@@ -345,6 +354,12 @@ def _pinned_version(
             "score into a new folder, or delete it to start over"
         )
     pinned = int(manifest["model_version"])
+    if bool(manifest.get("request_ids", False)) != request_ids:
+        flag = "with" if manifest.get("request_ids") else "without"
+        raise InputFileError(
+            f"{folder} was started {flag} --request-ids: rerun it the same way (one job's "
+            "shards all have the same columns), or score into a new folder"
+        )
     if wanted and wanted != pinned:
         raise InputFileError(
             f"{folder} was started with model version {pinned}, not {wanted}: one job "
@@ -359,9 +374,11 @@ def _write_manifest(
     shards: list[Shard],
     version: int,
     inputs: Sequence[str],
+    request_ids: bool = False,
 ) -> None:
     manifest = {
         "model_version": version,
+        "request_ids": request_ids,
         "inputs": list(inputs),
         "shards": [{"uri": s.uri, "output": s.output} for s in shards],
     }
@@ -443,6 +460,7 @@ class WorkerSettings:
     priority: Priority | None
     # The driver's trace context (OpenTelemetry): the actors' calls join the driver's trace.
     trace_context: tuple[tuple[str, str], ...] = ()
+    request_ids: bool = False
 
 
 class RoundRobin:
@@ -531,14 +549,17 @@ class ShardScorer:
         count = len(data.keys)
         classes = np.full(count, -1, np.int64)
         probabilities = np.full((count, NUM_CLASSES), np.nan, np.float32)
+        calls = RequestIds(count) if self.settings.request_ids else None
         answered = np.array([i for i in range(count) if i not in data.errors], np.int64)
         if len(answered):
             with attached(self.settings.trace_context):
                 found = self.loop.run_until_complete(self._predict(shard, data.images))
-            classes[answered], probabilities[answered] = found
+            classes[answered], probabilities[answered] = found[:2]
+            if calls is not None:
+                calls.fill(answered, found[2])
         version = self.settings.model_version
         table = prediction_table(
-            data.keys, classes, probabilities, version, data.labels, data.errors
+            data.keys, classes, probabilities, version, data.labels, data.errors, calls
         )
         confusion = None if data.labels is None else confusion_matrix(data.labels, classes)
         counts = {
@@ -557,9 +578,10 @@ class ShardScorer:
 
     async def _predict(
         self, shard: Shard, images: npt.NDArray[np.uint8] | npt.NDArray[np.float32]
-    ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]:
+    ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32], RequestIds]:
         classes = np.empty(len(images), np.int64)
         probabilities = np.empty((len(images), NUM_CLASSES), np.float32)
+        calls = RequestIds(len(images))
         source = ArraySource(shard.uri, images)
         ranges = batch_ranges(range(len(images)), self.settings.batch_size)
         version = self.settings.model_version
@@ -575,7 +597,8 @@ class ShardScorer:
                     )
                 classes[result.start : result.stop] = result.prediction.classes
                 probabilities[result.start : result.stop] = result.prediction.probabilities
-        return classes, probabilities
+                calls.put(result.start, result.prediction)
+        return classes, probabilities, calls
 
 
 def summary_lines(report: RayJobReport) -> list[str]:

@@ -39,6 +39,13 @@ def read_existing(path: Path, fmt: RowFormat, source: Source) -> Existing:
             if not header.endswith(b"\n"):
                 header = b""  # killed while writing the header: start over
             elif header.decode() != fmt.header():
+                other = RowFormat(fmt.kind, fmt.key_name, not fmt.request_ids)
+                if header.decode() == other.header():
+                    flag = "with" if other.request_ids else "without"
+                    raise InputFileError(
+                        f"{path}: was written {flag} --request-ids; resume it the same way, "
+                        "or run without --resume to start over"
+                    )
                 raise InputFileError(
                     f"{path}: its header does not match this job's columns; "
                     "score into a new file, or run without --resume to start over"
