@@ -32,6 +32,7 @@ from .client import (
     tls_credentials,
 )
 from .codec import Prediction
+from .drift_report import DEFAULT_MIN_BUCKET_IMAGES, MAX_BUCKETS
 from .errors import InputFileError, MnistError
 from .feedback import MAX_FEEDBACK_LABELS, read_feedback_csv
 from .inputs import SPLITS, open_source
@@ -209,6 +210,39 @@ def _parser() -> argparse.ArgumentParser:
     )
     _timeout_option(feedback, DEFAULT_TIMEOUT)
     feedback.set_defaults(command=_feedback)
+
+    drift = commands.add_parser(
+        "drift-report",
+        help="a report of a server's prediction log: class mix, confidence and drift over "
+        "time against the training reference, and the confusion matrix of the feedback",
+        description=(
+            "Read the prediction log folder DIR (mnist-serve --prediction-log DIR: its "
+            "predictions-*.parquet, feedback-*.parquet and reference-v*.json) and write "
+            "report.md, summary.json and PNG pictures into --out. Needs the drift extra: "
+            'pip install "mnist-serving[drift]" (pyarrow; matplotlib for the pictures).'
+        ),
+    )
+    drift.add_argument("folder", type=Path, metavar="DIR", help="the prediction log folder")
+    drift.add_argument(
+        "--out",
+        type=Path,
+        default=Path("drift-report"),
+        metavar="REPORT_DIR",
+        help="where the report goes (default: %(default)s)",
+    )
+    drift.add_argument(
+        "--bucket",
+        metavar="DURATION",
+        help="time bucket of the drift over time, e.g. 15m, 1h, 1d (default: the shortest "
+        f"of 1m, 5m, 15m, 1h, 6h, 1d, 7d that makes at most {MAX_BUCKETS} buckets)",
+    )
+    drift.add_argument(
+        "--min-bucket-images",
+        type=_positive(int),
+        default=DEFAULT_MIN_BUCKET_IMAGES,
+        help="a bucket with fewer images gets no numbers (default: %(default)s)",
+    )
+    drift.set_defaults(command=_drift_report, target="")
 
     to_parquet = commands.add_parser(
         "to-parquet",
@@ -627,6 +661,40 @@ def _feedback(args: argparse.Namespace) -> int:
     if result.unknown > shown:
         print(f"mnist-client: ... and {result.unknown - shown} more unknown", file=sys.stderr)
     return EXIT_FAILED if result.unknown else 0
+
+
+def _drift_report(args: argparse.Namespace) -> int:
+    from .drift_report import build_report, parse_bucket, write_report
+    from .predictionlog import read_log
+
+    try:
+        bucket = None if args.bucket is None else parse_bucket(args.bucket)
+    except ValueError as error:
+        raise InputFileError(f"--bucket: {error}") from None
+    log = read_log(args.folder)
+    report = build_report(log, bucket, args.min_bucket_images)
+    written = write_report(report, args.out)
+    print(
+        f"read {report.images} predictions and {report.feedback_rows} feedback labels "
+        f"({report.first} to {report.last}) -> {written[0]}"
+    )
+    for version in report.versions:
+        parts = [f"version {version.version}: {version.images} images"]
+        if version.class_mix_divergence is not None:
+            parts.append(f"class mix divergence {version.class_mix_divergence:.4f}")
+        if version.confidence_divergence is not None:
+            parts.append(f"confidence divergence {version.confidence_divergence:.4f}")
+        parts.append(f"low-confidence rate {version.low_confidence_rate:.4f}")
+        if version.feedback.labels:
+            parts.append(
+                f"accuracy {version.feedback.accuracy:.4f} on {version.feedback.labels} labels"
+            )
+        if not version.has_reference:
+            parts.append("no reference")
+        print(", ".join(parts))
+    for line in report.skipped:
+        print(f"mnist-client: skipped {line}", file=sys.stderr)
+    return 0
 
 
 def _to_parquet(args: argparse.Namespace) -> int:
