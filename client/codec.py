@@ -49,9 +49,12 @@ class Prediction:
     def image_request_ids(self) -> tuple[list[str], list[int]] | None:
         """Per image, in input order: the request ID of the RPC that answered it and its
         position in that RPC (what feedback names it by); None when the server sent no
-        request IDs (or not one for every part of a split call)."""
+        request IDs (or not one for every part of a split call), or when the parts of a
+        split call share one (a `request_id` the caller sent): they would be ambiguous."""
         if not self.request_ids or len(self.part_sizes) != len(self.request_ids):
             return None
+        if len(set(self.request_ids)) != len(self.request_ids):
+            return None  # one caller-sent ID for every part of a split call: ambiguous
         ids = [i for i, size in zip(self.request_ids, self.part_sizes, strict=True)
                for _ in range(size)]  # fmt: skip
         positions = [p for size in self.part_sizes for p in range(size)]

@@ -590,6 +590,8 @@ def _plot(report: DriftReport, out: Path) -> dict[str, Path] | None:
     figure = Figure(figsize=(8, 5))
     mix, conf = figure.subplots(2, 1, sharex=True)
     for v in report.versions:
+        if not v.has_reference:
+            continue  # nothing to diverge from
         label = f"version {v.version}"
         mix.plot(*over_time(v.buckets, "class_mix_divergence"), marker="o", label=label)
         conf.plot(*over_time(v.buckets, "confidence_divergence"), marker="o", label=label)

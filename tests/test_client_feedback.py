@@ -309,3 +309,25 @@ def test_cli_feedback_server_errors_exit_1(
     assert capsys.readouterr().err == (
         f"mnist-client: {fake.target}: PERMISSION_DENIED: role predict needed\n"
     )
+
+
+def test_image_request_ids_of_a_split_call(fake: FakeServer) -> None:
+    with MnistClient(fake.target, max_images_per_request=4) as client:
+        split = client.predict(images(10))
+        assert split.part_sizes == (4, 4, 2)
+        found = split.image_request_ids()
+        assert found is not None
+        ids, positions = found
+        assert (
+            ids
+            == [split.request_ids[0]] * 4 + [split.request_ids[1]] * 4 + [split.request_ids[2]] * 2
+        )
+        assert positions == [0, 1, 2, 3, 0, 1, 2, 3, 0, 1]
+        labels = [(i, p, 0) for i, p in zip(ids, positions, strict=True)]
+        assert client.feedback(labels).accepted == 10
+        # One ID sent by the caller for every part: (id, position) would name two images.
+        shared = client.predict(images(6), request_id="mine")
+        assert shared.request_ids == ("mine", "mine")
+        assert shared.image_request_ids() is None
+    with running_fake_server(send_request_ids=False) as old, MnistClient(old.target) as client:
+        assert client.predict(images(2)).image_request_ids() is None
