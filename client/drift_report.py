@@ -587,23 +587,8 @@ def _plot(report: DriftReport, out: Path) -> dict[str, Path] | None:
         starts = np.array([start.removesuffix("Z") for start, _ in points], "datetime64[s]")
         return starts, np.array([value for _, value in points], np.float64)
 
-    figure = Figure(figsize=(8, 5))
-    mix, conf = figure.subplots(2, 1, sharex=True)
-    for v in report.versions:
-        if not v.has_reference:
-            continue  # nothing to diverge from
-        label = f"version {v.version}"
-        mix.plot(*over_time(v.buckets, "class_mix_divergence"), marker="o", label=label)
-        conf.plot(*over_time(v.buckets, "confidence_divergence"), marker="o", label=label)
-    mix.set_ylabel("class mix")
-    conf.set_ylabel("confidence")
-    mix.set_title(
-        "Divergence from the training reference (Jensen-Shannon, bits), per "
-        + _duration(report.bucket_seconds)
-    )
-    mix.legend(fontsize=8)
-    figure.autofmt_xdate()
-    save(figure, "drift-over-time")
+    if any(v.has_reference for v in report.versions):
+        _plot_divergence(report, over_time, save)
 
     figure = Figure(figsize=(8, 3.6))
     axes = figure.add_subplot()
@@ -623,3 +608,26 @@ def _plot(report: DriftReport, out: Path) -> dict[str, Path] | None:
     figure.autofmt_xdate()
     save(figure, "low-confidence-over-time")
     return written
+
+
+def _plot_divergence(report: DriftReport, over_time: Any, save: Any) -> None:
+    """drift-over-time.png: the divergences per bucket of the versions with a reference."""
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(8, 5))
+    mix, conf = figure.subplots(2, 1, sharex=True)
+    for v in report.versions:
+        if not v.has_reference:
+            continue  # nothing to diverge from
+        label = f"version {v.version}"
+        mix.plot(*over_time(v.buckets, "class_mix_divergence"), marker="o", label=label)
+        conf.plot(*over_time(v.buckets, "confidence_divergence"), marker="o", label=label)
+    mix.set_ylabel("class mix")
+    conf.set_ylabel("confidence")
+    mix.set_title(
+        "Divergence from the training reference (Jensen-Shannon, bits), per "
+        + _duration(report.bucket_seconds)
+    )
+    mix.legend(fontsize=8)
+    figure.autofmt_xdate()
+    save(figure, "drift-over-time")

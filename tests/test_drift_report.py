@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import warnings
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -409,3 +410,18 @@ def test_without_the_extra(
         assert not list(out.glob("*.png"))
     else:
         assert expected in result.stderr
+
+
+def test_a_log_without_references_gets_live_numbers_only(log: Log, tmp_path: Path) -> None:
+    (log.folder / "reference-v1.json").unlink()
+    out = tmp_path / "report"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # matplotlib's, e.g. an empty legend
+        assert main(["drift-report", str(log.folder), "--out", str(out)]) == 0
+    assert not (out / "drift-over-time.png").exists()  # nothing to diverge from
+    assert (out / "low-confidence-over-time.png").exists()
+    markdown = (out / "report.md").read_text()
+    assert "No `reference-v1.json`" in markdown
+    assert "drift-over-time.png" not in markdown
+    summary = json.loads((out / "summary.json").read_text())
+    assert [v["class_mix_divergence"] for v in summary["versions"]] == [None, None]
