@@ -5,6 +5,7 @@ real mnist-serve is used too where it implements Feedback)."""
 from __future__ import annotations
 
 import asyncio
+import csv as csv_module
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -200,7 +201,9 @@ def _server_has_feedback() -> bool:
 @pytest.mark.skipif(
     not _server_has_feedback(), reason="this checkout's mnist-serve has no Feedback RPC yet"
 )
-def test_feedback_against_the_real_server(served_tiny: ServerProcess, tmp_path: Path) -> None:
+def test_feedback_against_the_real_server(
+    served_tiny: ServerProcess, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     batch = images(4, seed=5)
     with MnistClient(served_tiny.target, timeout=30) as client:
         prediction = client.predict(batch)
@@ -212,7 +215,35 @@ def test_feedback_against_the_real_server(served_tiny: ServerProcess, tmp_path: 
 
     csv = tmp_path / "labels.csv"
     csv.write_text("request_id,index,label\n" + "".join(f"{r},{i},{c}\n" for r, i, c in labels))
-    assert main(["feedback", "--target", served_tiny.target, str(csv)]) == 0
+    assert main(["feedback", "--target", served_tiny.target, str(csv)]) == 0  # duplicates: fine
+    assert capsys.readouterr().out == (
+        "sent 4 labels: 0 accepted, 0 unknown or expired, 4 duplicate in 1 call\n"
+    )
+
+    # A scoring job's rows name their calls: its labels go back through the CLI.
+    digits = images(300, seed=6)
+    truth = np.random.default_rng(6).integers(0, 10, 300)
+    npz = tmp_path / "digits.npz"
+    np.savez(npz, x_test=digits, y_test=truth, x_train=digits[:1], y_train=truth[:1])
+    scores = tmp_path / "scores.csv"
+    score = ["score", "--target", served_tiny.target, "--input", str(npz), "--output",
+             str(scores), "--request-ids", "--batch-size", "128", "--no-progress"]  # fmt: skip
+    assert main(score) == 0
+    with scores.open(newline="") as stream:
+        rows = list(csv_module.DictReader(stream))
+    labelled = tmp_path / "labelled.csv"
+    labelled.write_text(
+        "request_id,request_index,label\n"
+        + "".join(
+            f"{r['request_id']},{r['request_index']},{t}\n"
+            for r, t in zip(rows, truth, strict=True)
+        )
+    )
+    capsys.readouterr()
+    assert main(["feedback", "--target", served_tiny.target, str(labelled)]) == 0
+    assert capsys.readouterr().out == (
+        "sent 300 labels: 300 accepted, 0 unknown or expired, 0 duplicate in 1 call\n"
+    )
 
 
 # --- mnist-client feedback FILE.csv -----------------------------------------------------------
