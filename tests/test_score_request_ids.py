@@ -157,6 +157,14 @@ def test_a_server_that_sends_no_ids_leaves_the_columns_empty(tmp_path: Path) -> 
     with running_fake_server(send_request_ids=False) as fake:
         out = tmp_path / "scores.csv"
         assert score(fake, npz, out) == 0
-    rows = read_csv(out)
-    assert {(r["request_id"], r["request_index"]) for r in rows} == {("", "")}
-    assert all(r["class"] for r in rows)
+        rows = read_csv(out)
+        assert {(r["request_id"], r["request_index"]) for r in rows} == {("", "")}
+        assert all(r["class"] for r in rows)
+        lines = tmp_path / "scores.jsonl"
+        assert score(fake, npz, lines, "--batch-size", "4") == 0
+        records = [json.loads(line) for line in lines.read_text().splitlines()]
+        assert {(r["request_id"], r["request_index"]) for r in records} == {(None, None)}
+        # Still a --request-ids file: it resumes as one.
+        lines.write_bytes(lines.read_bytes()[:-10])
+        assert score(fake, npz, lines, "--batch-size", "4", "--resume") == 0
+        assert len(lines.read_text().splitlines()) == 10

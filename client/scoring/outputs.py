@@ -113,7 +113,7 @@ class RowFormat:
                 return ",,"
             return f",{_csv_field(request_id)},{position}"
         if request_id is None:
-            return ""
+            return ', "request_id": null, "request_index": null'
         return f', "request_id": {json.dumps(request_id)}, "request_index": {position}'
 
     def _key(self, key: str | int) -> str:
