@@ -684,6 +684,8 @@ def _drift_report(args: argparse.Namespace) -> int:
             parts.append(f"class mix divergence {version.class_mix_divergence:.4f}")
         if version.confidence_divergence is not None:
             parts.append(f"confidence divergence {version.confidence_divergence:.4f}")
+        if version.mean_intensity_divergence is not None:
+            parts.append(f"mean intensity divergence {version.mean_intensity_divergence:.4f}")
         parts.append(f"low-confidence rate {version.low_confidence_rate:.4f}")
         if version.feedback.labels:
             parts.append(

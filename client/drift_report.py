@@ -107,6 +107,9 @@ class Bucket:
     class_mix_divergence: float | None  # None: too few images, or no reference
     confidence_divergence: float | None
     low_confidence_rate: float | None  # None: too few images
+    # From the logged inputs (None: too few logged, or no reference).
+    mean_intensity_divergence: float | None = None
+    ink_fraction_divergence: float | None = None
 
 
 @dataclass
@@ -147,6 +150,15 @@ class VersionReport:
     reference_low_confidence_rate: float | None
     buckets: list[Bucket]
     feedback: Feedback
+    # The inputs, where the server logged them (--log-inputs): per-image mean intensity and
+    # ink fraction against the training images'.
+    inputs_logged: int = 0
+    mean_intensity: float | None = None  # the live mean
+    reference_mean_intensity: float | None = None
+    mean_intensity_divergence: float | None = None
+    ink_fraction: float | None = None
+    reference_ink_fraction: float | None = None
+    ink_fraction_divergence: float | None = None
 
 
 @dataclass
@@ -293,8 +305,15 @@ def _version_report(
                 if enough
                 else None,
                 float(np.mean(confidence[rows] < threshold)) if enough else None,
+                _input_divergence(
+                    records.mean_intensity[rows], reference, "mean_intensity", min_bucket_images
+                ),
+                _input_divergence(
+                    records.ink_fraction[rows], reference, "ink_fraction", min_bucket_images
+                ),
             )
         )
+    inputs = _inputs(records, reference)
     return VersionReport(
         version=version,
         images=len(records),
@@ -316,7 +335,36 @@ def _version_report(
         reference_low_confidence_rate=None if reference_rate is None else float(reference_rate),
         buckets=buckets,
         feedback=feedback,
+        **inputs,
     )
+
+
+def _input_divergence(
+    values: np.ndarray, reference: dict[str, Any] | None, key: str, at_least: int = 1
+) -> float | None:
+    """Divergence of the logged inputs' statistic `key` from the training images' (None
+    without a reference for it, or with fewer than `at_least` inputs logged)."""
+    logged = values[~np.isnan(values)]
+    if reference is None or key not in reference or len(logged) < at_least:
+        return None
+    histogram = reference[key]
+    return js_divergence(bin_counts(logged, histogram["edges"]), histogram["fractions"])
+
+
+def _inputs(records: Records, reference: dict[str, Any] | None) -> dict[str, Any]:
+    """The VersionReport fields about the logged inputs."""
+    logged = ~np.isnan(records.mean_intensity)
+    if not logged.any():
+        return {}
+    found: dict[str, Any] = {"inputs_logged": int(logged.sum())}
+    for key in ("mean_intensity", "ink_fraction"):
+        values = getattr(records, key)[logged]
+        found[key] = float(values.mean())
+        if reference is not None and key in reference:
+            mean = reference[key].get("mean")
+            found[f"reference_{key}"] = None if mean is None else float(mean)
+        found[f"{key}_divergence"] = _input_divergence(values, reference, key)
+    return found
 
 
 # --- the report folder ------------------------------------------------------------------------
@@ -388,8 +436,18 @@ def _version_section(v: VersionReport, pictures: dict[str, str]) -> list[str]:
         f"| low-confidence rate (top probability < {v.low_confidence_threshold:g}) | "
         f"{_number(v.low_confidence_rate)} | {_number(v.reference_low_confidence_rate)} |",
         f"| accuracy (feedback) | {accuracy} | |",
-        "",
     ]
+    if v.inputs_logged:
+        lines += [
+            f"| mean intensity divergence ({v.inputs_logged} inputs logged) | "
+            f"{_number(v.mean_intensity_divergence)} | 0 |",
+            f"| ink fraction divergence | {_number(v.ink_fraction_divergence)} | 0 |",
+            f"| mean intensity (mean pixel, 0..1) | {_number(v.mean_intensity)} | "
+            f"{_number(v.reference_mean_intensity)} |",
+            f"| ink fraction (share of pixels > 0.5) | {_number(v.ink_fraction)} | "
+            f"{_number(v.reference_ink_fraction)} |",
+        ]
+    lines.append("")
     key = f"class-mix-v{v.version}"
     if key in pictures:
         lines += [f"![class mix, version {v.version}]({pictures[key]})", ""]
@@ -474,10 +532,11 @@ def _time_section(report: DriftReport, pictures: dict[str, str]) -> list[str]:
     ):
         if key in pictures:
             lines += [f"![{title}]({pictures[key]})", ""]
+    inputs = any(v.inputs_logged for v in report.versions)
     lines += [
         "| bucket (UTC) | version | images | class mix divergence | confidence divergence | "
-        "low-confidence rate |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "low-confidence rate |" + (" mean intensity divergence |" if inputs else ""),
+        "| --- " * (7 if inputs else 6) + "|",
     ]
     rows = sorted(
         ((b.start, v.version, b) for v in report.versions for b in v.buckets),
@@ -487,6 +546,7 @@ def _time_section(report: DriftReport, pictures: dict[str, str]) -> list[str]:
         lines.append(
             f"| {start} | {version} | {b.images} | {_number(b.class_mix_divergence)} | "
             f"{_number(b.confidence_divergence)} | {_number(b.low_confidence_rate)} |"
+            + (f" {_number(b.mean_intensity_divergence)} |" if inputs else "")
         )
     lines.append("")
     return lines
@@ -614,16 +674,20 @@ def _plot_divergence(report: DriftReport, over_time: Any, save: Any) -> None:
     """drift-over-time.png: the divergences per bucket of the versions with a reference."""
     from matplotlib.figure import Figure
 
-    figure = Figure(figsize=(8, 5))
-    mix, conf = figure.subplots(2, 1, sharex=True)
+    inputs = any(v.inputs_logged for v in report.versions)
+    figure = Figure(figsize=(8, 7 if inputs else 5))
+    axes = figure.subplots(3 if inputs else 2, 1, sharex=True)
+    signals = [("class_mix_divergence", "class mix"), ("confidence_divergence", "confidence")]
+    if inputs:
+        signals.append(("mean_intensity_divergence", "mean intensity"))
     for v in report.versions:
         if not v.has_reference:
             continue  # nothing to diverge from
-        label = f"version {v.version}"
-        mix.plot(*over_time(v.buckets, "class_mix_divergence"), marker="o", label=label)
-        conf.plot(*over_time(v.buckets, "confidence_divergence"), marker="o", label=label)
-    mix.set_ylabel("class mix")
-    conf.set_ylabel("confidence")
+        for ax, (name, _) in zip(axes, signals, strict=True):
+            ax.plot(*over_time(v.buckets, name), marker="o", label=f"version {v.version}")
+    for ax, (_, title) in zip(axes, signals, strict=True):
+        ax.set_ylabel(title)
+    mix = axes[0]
     mix.set_title(
         "Divergence from the training reference (Jensen-Shannon, bits), per "
         + _duration(report.bucket_seconds)

@@ -35,6 +35,8 @@ PREDICTIONS_GLOB = "predictions-*.parquet"
 FEEDBACK_GLOB = "feedback-*.parquet"
 REFERENCE_NAME = re.compile(r"reference-v(\d+)\.json")
 PREDICTION_COLUMNS = ("time", "request_id", "index", "model_version", "predicted", "confidence")
+PIXELS = 28 * 28
+INK_THRESHOLD = 127  # a pixel is ink above half of full scale, as in the reference
 FEEDBACK_COLUMNS = ("time", "request_id", "index", "label", "model_version", "predicted")
 
 
@@ -50,8 +52,14 @@ class Records:
     model_version: npt.NDArray[np.int64]
     predicted: npt.NDArray[np.int64]
     extra: npt.NDArray[Any]
+    # Per image, from the logged input (NaN where none: --log-inputs off, or feedback).
+    mean_intensity: npt.NDArray[np.float32]
+    ink_fraction: npt.NDArray[np.float32]
 
-    FIELDS = ("time_us", "request_id", "index", "model_version", "predicted", "extra")
+    FIELDS = (
+        "time_us", "request_id", "index", "model_version", "predicted", "extra",
+        "mean_intensity", "ink_fraction",
+    )  # fmt: skip
 
     def __len__(self) -> int:
         return len(self.time_us)
@@ -64,6 +72,8 @@ class Records:
             self.model_version[rows],
             self.predicted[rows],
             self.extra[rows],
+            self.mean_intensity[rows],
+            self.ink_fraction[rows],
         )
 
 
@@ -120,7 +130,10 @@ def _read_all(
     parts = []
     for path in paths:
         try:
-            parts.append(_records(pq.read_table(path, columns=list(columns)), extra))
+            wanted = list(columns)
+            if extra == "confidence" and "input" in pq.read_schema(path).names:
+                wanted.append("input")
+            parts.append(_records(pq.read_table(path, columns=wanted), extra))
         except (pa.ArrowException, OSError, KeyError, ValueError) as error:
             skipped.append(f"{path.name}: {_first_line(error)}")
     if not parts:
@@ -143,6 +156,7 @@ def _records(table: Any, extra: str) -> Records:
     if not pa.types.is_timestamp(time_type):
         raise ValueError(f"column 'time' is {time_type}, not a timestamp")
     times = table.column("time").cast(pa.timestamp("us", tz="UTC")).cast(pa.int64())
+    mean_intensity, ink_fraction = _input_statistics(table)
     return Records(
         np.asarray(times.to_numpy(), np.int64),
         np.asarray(table.column("request_id").to_pylist(), object),
@@ -150,7 +164,35 @@ def _records(table: Any, extra: str) -> Records:
         numbers("model_version", pa.int64()),
         numbers("predicted", pa.int64()),
         numbers(extra, pa.float32() if extra == "confidence" else pa.int64()),
+        mean_intensity,
+        ink_fraction,
     )
+
+
+def _input_statistics(table: Any) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]:
+    """Per row, the mean pixel in [0, 1] and the share of pixels > 127 of the logged input
+    (784 uint8 bytes), as the trainer's reference computes them; NaN where none was logged."""
+    count = table.num_rows
+    mean = np.full(count, np.nan, np.float32)
+    ink = np.full(count, np.nan, np.float32)
+    if "input" not in table.column_names or table.column("input").null_count == count:
+        return mean, ink
+    import pyarrow as pa
+
+    column = table.column("input")
+    present = np.asarray(column.is_valid().to_numpy(zero_copy_only=False), bool)
+    # Only the logged values, as one array with int64 offsets: they lie one after the
+    # other in its data buffer.
+    values = column.filter(pa.array(present)).combine_chunks().cast(pa.large_binary())
+    offsets = np.frombuffer(values.buffers()[1], np.int64)
+    offsets = offsets[values.offset : values.offset + len(values) + 1]
+    if np.any(np.diff(offsets) != PIXELS):
+        raise ValueError(f"column 'input' holds values that are not {PIXELS} bytes")
+    data = np.frombuffer(values.buffers()[2], np.uint8)[offsets[0] : offsets[-1]]
+    pixels = data.reshape(-1, PIXELS)
+    mean[present] = pixels.sum(axis=1, dtype=np.uint32) / np.float32(255 * PIXELS)
+    ink[present] = np.count_nonzero(pixels > INK_THRESHOLD, axis=1) / np.float32(PIXELS)
+    return mean, ink
 
 
 def _empty(extra: str) -> Records:
@@ -161,6 +203,8 @@ def _empty(extra: str) -> Records:
         np.empty(0, np.int64),
         np.empty(0, np.int64),
         np.empty(0, np.float32 if extra == "confidence" else np.int64),
+        np.empty(0, np.float32),
+        np.empty(0, np.float32),
     )
 
 
@@ -177,10 +221,21 @@ def check_reference(value: object) -> dict[str, Any]:
         shares = value.get(key)
         if not isinstance(shares, list) or len(shares) != NUM_CLASSES:
             raise ValueError(f"{key} must be a list of {NUM_CLASSES} numbers")
-    confidence = value.get("confidence")
-    if not isinstance(confidence, dict):
-        raise ValueError("confidence must be an object with edges and fractions")
-    edges, fractions = confidence.get("edges"), confidence.get("fractions")
+    _check_histogram(value, "confidence")
+    for key in INPUT_STATISTICS:  # optional: compared when the log holds inputs
+        if key in value:
+            _check_histogram(value, key)
+    return value
+
+
+INPUT_STATISTICS = ("mean_intensity", "ink_fraction")
+
+
+def _check_histogram(reference: dict[str, Any], key: str) -> None:
+    histogram = reference.get(key)
+    if not isinstance(histogram, dict):
+        raise ValueError(f"{key} must be an object with edges and fractions")
+    edges, fractions = histogram.get("edges"), histogram.get("fractions")
     if (
         not isinstance(edges, list)
         or not isinstance(fractions, list)
@@ -188,5 +243,4 @@ def check_reference(value: object) -> dict[str, Any]:
         or len(fractions) != len(edges) - 1
         or any(b <= a for a, b in itertools.pairwise(edges))
     ):
-        raise ValueError("confidence needs increasing edges and one fraction per bin")
-    return value
+        raise ValueError(f"{key} needs increasing edges and one fraction per bin")

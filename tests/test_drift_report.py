@@ -425,3 +425,70 @@ def test_a_log_without_references_gets_live_numbers_only(log: Log, tmp_path: Pat
     assert "drift-over-time.png" not in markdown
     summary = json.loads((out / "summary.json").read_text())
     assert [v["class_mix_divergence"] for v in summary["versions"]] == [None, None]
+
+
+INPUT_EDGES = [0.0, 0.025, 0.05, 0.075, 0.1, 0.125, 0.15, 0.175, 0.2, 0.25, 0.3, 0.4, 0.5,
+               0.6, 0.8, 1.0]  # fmt: skip
+
+
+def digits(rng: np.random.Generator, count: int) -> np.ndarray:
+    """Stand-ins for MNIST digits: white strokes on black, about 12% of the pixels."""
+    images = np.zeros((count, 784), np.uint8)
+    ink = rng.random((count, 784)) < rng.uniform(0.08, 0.16, (count, 1))
+    images[ink] = rng.integers(128, 256, int(ink.sum()), dtype=np.uint8)
+    return images
+
+
+def test_logged_inputs_are_compared_with_the_training_images(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rng = np.random.default_rng(11)
+    training = digits(rng, 2000)
+    mean = training.sum(axis=1) / (255 * 784)
+    ink = (training > 127).mean(axis=1)
+    ref = reference()
+    for key, values in (("mean_intensity", mean), ("ink_fraction", ink)):
+        counts = bin_counts(values, INPUT_EDGES)
+        ref[key] = {"edges": INPUT_EDGES, "fractions": (counts / counts.sum()).tolist(),
+                    "mean": float(values.mean()), "std": float(values.std())}  # fmt: skip
+    folder = tmp_path / "log"
+    folder.mkdir()
+    (folder / "reference-v1.json").write_text(json.dumps(ref))
+    # An hour of digits, then an hour of inverted ones (dark ink on white): the same
+    # classes and confidence, so only the inputs tell.
+    normal, inverted = digits(rng, 300), 255 - digits(rng, 300)
+    for hour, images in enumerate((normal, inverted)):
+        t = traffic(rng, START + timedelta(hours=hour), 60, 300, 1, PREDICTED_MIX,
+                    normal_confidence(rng, 300), f"h{hour}")  # fmt: skip
+        write_predictions(folder, f"2026120{hour}T060000Z-1-0", t)
+        table = pq.read_table(folder / f"predictions-2026120{hour}T060000Z-1-0.parquet")
+        rows = [row.tobytes() for row in images]
+        rows[5] = None  # --log-inputs off for a while: no input, no statistics
+        table = table.set_column(10, "input", pa.array(rows, pa.binary()))
+        pq.write_table(table, folder / f"predictions-2026120{hour}T060000Z-1-0.parquet")
+
+    report = build_report(read_log(folder), bucket_seconds=3600)
+    (version,) = report.versions
+    assert version.inputs_logged == 598
+    both = np.concatenate([np.delete(normal, 5, 0), np.delete(inverted, 5, 0)])
+    assert version.mean_intensity == pytest.approx(both.sum() / (255 * 784 * 598), rel=1e-5)
+    assert version.ink_fraction == pytest.approx((both > 127).mean(), rel=1e-5)
+    assert version.reference_mean_intensity == pytest.approx(mean.mean())
+    first, second = version.buckets
+    assert first.mean_intensity_divergence is not None
+    assert first.mean_intensity_divergence < 0.05
+    assert first.ink_fraction_divergence is not None
+    assert first.ink_fraction_divergence < 0.05
+    assert second.mean_intensity_divergence == pytest.approx(1.0)  # nothing in common
+    assert second.ink_fraction_divergence == pytest.approx(1.0)
+    # Classes and confidence alone do not see it.
+    assert second.class_mix_divergence is not None
+    assert second.class_mix_divergence < 0.05
+
+    out = tmp_path / "report"
+    assert main(["drift-report", str(folder), "--out", str(out), "--bucket", "1h"]) == 0
+    assert "mean intensity divergence 0." in capsys.readouterr().out
+    markdown = (out / "report.md").read_text()
+    assert "| mean intensity divergence (598 inputs logged) |" in markdown
+    assert "| 2026-12-03T07:00:00Z | 1 | 300 |" in markdown
+    assert markdown.count(" mean intensity divergence |") == 1  # the bucket table's column
