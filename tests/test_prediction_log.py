@@ -416,3 +416,22 @@ def test_bad_prediction_log_settings_stop_the_start(
     )  # fmt: skip
     assert run.returncode != 0
     assert message in run.stderr + run.stdout
+
+
+def test_workers_write_files_of_their_own_and_lose_no_call(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    folder = tmp_path / "log"
+    ids = [f"w-{i}" for i in range(40)]
+    with ServerProcess(
+        tiny_model_dir, "--poll-interval", "0", "--workers", "2", "--prediction-log",
+        str(folder), "--max-connection-age", "0",
+    ) as server:  # fmt: skip
+        for request_id in ids:  # a connection per call: the kernel spreads them over both
+            predict_native(server.target, images_of(7, 1), request_id)
+        assert server.stop() == 0, server.log
+    names = [p.name for p in folder.glob("predictions-*.parquet")]
+    table = table_of(folder)
+    assert sorted(table["request_id"].to_pylist()) == sorted(ids)
+    pids = {name.split("-")[2] for name in names}
+    assert len(pids) == 2, names  # both workers answered and wrote; names carry the pid
