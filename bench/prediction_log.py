@@ -6,8 +6,9 @@ batch-256 requests from 4 clients), each figure divided by the same figure with 
   P0a/P0b  off again, run last: how far two identical runs differ on this machine
   P1/P2    --prediction-log DIR at sample rate 1.0 (every image a Parquet row)
   P3/P4    the same with --log-inputs (784 bytes more per row)
-  P5/P6    --prediction-log-url at sample rate 1.0, to a CloudEvents receiver in this
-           process that answers at once (a figure to read: the receiver shares the cores)
+  P5/P6    --prediction-log-url at sample rate 1.0, 64 events per POST (batched mode), to a
+           CloudEvents receiver in this process that answers at once (a figure to read:
+           the receiver shares the cores)
 Before the servers: observe()'s own cost per call, measured in this process (the part of
 the log that runs on the event loop, on the call's path), for 1 and 256 images.
 Read the ratios, not the absolute figures.
@@ -99,7 +100,7 @@ def run(args: argparse.Namespace) -> list[Row]:
         "off": [],
         "log dir 1.0": ["--prediction-log", str(folder / "dir")],
         "log dir 1.0 + inputs": ["--prediction-log", str(folder / "inputs"), "--log-inputs"],
-        "log url 1.0": ["--prediction-log-url", receiver.url],
+        "log url 1.0": ["--prediction-log-url", receiver.url, "--prediction-log-url-batch", "64"],
         "off again": [],  # the noise floor: the same server as the first, run last
     }
     single: dict[str, Stats] = {}

@@ -244,20 +244,27 @@ def _schemas() -> tuple[Any, Any]:
     return predictions, feedback
 
 
-def _repeat(values: list[Any], counts: np.ndarray) -> np.ndarray:
-    return np.repeat(np.array(values, dtype=object), counts)
-
-
 def predictions_table(records: Sequence[CallRecord], schema: Any) -> Any:
-    """The rows of `records` as one Arrow table of the predictions schema."""
+    """The rows of `records` as one Arrow table of the predictions schema.
+
+    Per-call values (strings, time, version) are converted once per call and spread over
+    the call's rows by Arrow's `take`: converting them per row costs the writer thread (and
+    the GIL the event loop needs) several times more at 256 images a call."""
     import pyarrow as pa
+    import pyarrow.compute as pc
 
     counts = np.fromiter((len(r.classes) for r in records), np.int64, len(records))
     rows = int(counts.sum())
+    owner = pa.array(np.repeat(np.arange(len(records), dtype=np.int32), counts))
+    starts = np.repeat(np.cumsum(counts) - counts, counts)
+    index = (np.arange(rows, dtype=np.int64) - starts).astype(np.int32)
+
+    def spread(values: list[Any], kind: Any) -> Any:
+        return pc.take(pa.array(values, kind), owner)
+
     probabilities = np.concatenate([r.probabilities for r in records]).astype(
         np.float32, copy=False
     )
-    micros = (np.array([r.time for r in records]) * 1e6).astype(np.int64)
     if any(r.images is not None for r in records):
         pixels = np.concatenate(
             [
@@ -274,13 +281,13 @@ def predictions_table(records: Sequence[CallRecord], schema: Any) -> Any:
     else:
         inputs = pa.nulls(rows, pa.binary())
     columns = [
-        pa.array(np.repeat(micros, counts), pa.timestamp("us", tz="UTC")),
-        pa.array(_repeat([r.request_id for r in records], counts), pa.string()),
-        pa.array(np.concatenate([np.arange(n, dtype=np.int32) for n in counts])),
-        pa.array(_repeat([r.caller for r in records], counts), pa.string()),
-        pa.array(_repeat([r.api for r in records], counts), pa.string()),
-        pa.array(np.repeat([r.model_version for r in records], counts).astype(np.int64)),
-        pa.array(_repeat([r.priority for r in records], counts), pa.string()),
+        spread([int(r.time * 1e6) for r in records], pa.timestamp("us", tz="UTC")),
+        spread([r.request_id for r in records], pa.string()),
+        pa.array(index),
+        spread([r.caller for r in records], pa.string()),
+        spread([r.api for r in records], pa.string()),
+        spread([r.model_version for r in records], pa.int64()),
+        spread([r.priority for r in records], pa.string()),
         pa.array(np.concatenate([r.classes for r in records]).astype(np.int8)),
         pa.array(probabilities.max(axis=1)),
         pa.FixedSizeListArray.from_arrays(pa.array(probabilities.ravel()), 10),
@@ -328,7 +335,15 @@ class ParquetSeries:
             name = f"{self.kind}-{stamp}-{os.getpid()}-{self._seq}.parquet"
             self._seq += 1
             self._path = self.folder / name
-            self._writer = pq.ParquetWriter(self._path.with_suffix(".parquet.tmp"), self.schema)
+            self._writer = pq.ParquetWriter(
+                self._path.with_suffix(".parquet.tmp"),
+                self.schema,
+                # Dictionaries only where values repeat: hashing every probability costs
+                # the writer about three times the rest of the write.
+                use_dictionary=[
+                    n for n in ("request_id", "caller", "api", "priority") if n in self.schema.names
+                ],
+            )
             self._opened = time.monotonic()
         self._writer.write_table(table, row_group_size=ROW_GROUP_ROWS)
         self.rows += table.num_rows
@@ -356,8 +371,9 @@ class DirSink(Sink):
 
     def __init__(self, settings: Settings, folder: Path) -> None:
         super().__init__(settings.prediction_log_queue_size)
-        try:
-            import pyarrow  # noqa: F401
+        try:  # here, not on the writer's first rows: importing takes a second of CPU
+            import pyarrow.compute
+            import pyarrow.parquet  # noqa: F401
         except ImportError:
             raise StartupError(
                 "--prediction-log DIR writes Parquet and needs pyarrow: "
