@@ -1,7 +1,7 @@
 """`python -m bench.prediction_log --model-dir DIR`: what the prediction log costs, ratios
 side by side in one run (issue 24's benchmark).
 
-One server per setting, the same load on each (single images from `--clients` clients;
+One server per setting per round, the same load on each (single images from `--clients` clients;
 batch-256 requests from 4 clients), each figure divided by the same figure with the log off:
   P0a/P0b  off again, run last: how far two identical runs differ on this machine
   P1/P2    --prediction-log DIR at sample rate 1.0 (every image a Parquet row)
@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import statistics
 import sys
 import tempfile
 import threading
@@ -103,25 +104,30 @@ def run(args: argparse.Namespace) -> list[Row]:
         "log url 1.0": ["--prediction-log-url", receiver.url, "--prediction-log-url-batch", "64"],
         "off again": [],  # the noise floor: the same server as the first, run last
     }
-    single: dict[str, Stats] = {}
-    batch: dict[str, Stats] = {}
+    # Rounds of every setting in turn: each ratio is the median over the rounds of
+    # (setting / off of the same round), so that a neighbour's burst on a shared machine
+    # lands in one round's figures, not in one setting's.
+    single: dict[str, list[Stats]] = {name: [] for name in settings}
+    batch: dict[str, list[Stats]] = {name: [] for name in settings}
     try:
-        for name, flags in settings.items():
-            server = ServerProcess(args.model_dir, "--poll-interval", "0", *flags)
-            try:
-                print(f"{name}: 1 image, {args.clients} clients ...", file=sys.stderr)
-                single[name] = load(server.target, 1, args.clients, args.seconds, connections=4)
-                print(f"{name}: batch {BATCH}, {BATCH_CLIENTS} clients ...", file=sys.stderr)
-                batch[name] = load(server.target, BATCH, BATCH_CLIENTS, args.seconds)
-                dropped = [
-                    value
-                    for (metric, _), value in server.scrape().items()
-                    if metric == "mnist_prediction_log_dropped_total"
-                ]
-                if any(dropped):
-                    print(f"  {name}: rows dropped {sum(dropped):.0f}", file=sys.stderr)
-            finally:
-                server.stop()
+        for round_number in range(args.rounds):
+            for name, flags in settings.items():
+                server = ServerProcess(args.model_dir, "--poll-interval", "0", *flags)
+                try:
+                    print(f"round {round_number + 1}: {name} ...", file=sys.stderr)
+                    single[name].append(
+                        load(server.target, 1, args.clients, args.seconds, connections=4)
+                    )
+                    batch[name].append(load(server.target, BATCH, BATCH_CLIENTS, args.seconds))
+                    dropped = [
+                        value
+                        for (metric, _), value in server.scrape().items()
+                        if metric == "mnist_prediction_log_dropped_total"
+                    ]
+                    if any(dropped):
+                        print(f"  {name}: rows dropped {sum(dropped):.0f}", file=sys.stderr)
+                finally:
+                    server.stop()
     finally:
         receiver.stop()
     print(f"  CloudEvents received: {receiver.posts}", file=sys.stderr)
@@ -139,18 +145,31 @@ def run(args: argparse.Namespace) -> list[Row]:
         "log url 1.0": ("P5", "P6"),
     }
     rows: list[Row] = []
-    off_single, off_batch = single["off"], batch["off"]
+
+    def median_ratio(runs: dict[str, list[Stats]], name: str, figure: str) -> float:
+        return float(
+            statistics.median(
+                on[figure] / off[figure] for on, off in zip(runs[name], runs["off"], strict=True)
+            )
+        )
+
+    def middle(runs: list[Stats], figure: str) -> Stats:
+        """The run whose figure is the median (the row's absolute figures)."""
+        return sorted(runs, key=lambda stats: stats[figure])[len(runs) // 2]
+
+    off_single, off_batch = middle(single["off"], "req_per_s"), middle(batch["off"], "images_per_s")
     for name, target in targets.items():
         first, second = names[name]
         rows.append(
-            row(first, f"{name}: 1 image, {args.clients} clients: req/s / off req/s",
-                single[name], "off", off_single,
-                single[name]["req_per_s"] / off_single["req_per_s"], target)
+            row(first, f"{name}: 1 image, {args.clients} clients: req/s / off req/s "
+                f"(median of {args.rounds} rounds)", middle(single[name], "req_per_s"), "off",
+                off_single, median_ratio(single, name, "req_per_s"), target)
         )  # fmt: skip
         rows.append(
             row(second, f"{name}: batch-{BATCH} uint8, {BATCH_CLIENTS} clients: images/s / "
-                "off images/s", batch[name], "off", off_batch,
-                batch[name]["images_per_s"] / off_batch["images_per_s"], target)
+                f"off images/s (median of {args.rounds} rounds)",
+                middle(batch[name], "images_per_s"), "off", off_batch,
+                median_ratio(batch, name, "images_per_s"), target)
         )  # fmt: skip
     return rows
 
@@ -160,11 +179,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model-dir", type=Path, required=True, help="e.g. models/mnist")
     parser.add_argument("--clients", type=int, default=64, help="single-image clients")
     parser.add_argument("--seconds", type=float, default=5.0, help="measured time per run")
+    parser.add_argument("--rounds", type=int, default=3, help="every setting, this many times")
     parser.add_argument("--json", type=Path, help="also write one JSON object per row here")
     args = parser.parse_args(argv)
     settings = {
         "seconds_per_run": args.seconds,
         "clients": args.clients,
+        "rounds": args.rounds,
         "usable_cpus": len(os.sched_getaffinity(0)),
     }
     rows = run(args)
