@@ -53,8 +53,10 @@ logger = logging.getLogger(__name__)
 PIXELS = 784
 # How long close() waits for a sink to write or send what is queued.
 CLOSE_TIMEOUT = 10.0
-# An idle writer looks at the clock (and for a stop) at least this often.
+# A writer takes what is queued at least this often (sooner once a row group's worth waits).
 IDLE_WAIT = 1.0
+# The URL sink's writer wakes once this many rows wait (or after IDLE_WAIT).
+URL_WAKE_ROWS = 1024
 # Rows per Parquet row group (and per Arrow table built at once).
 ROW_GROUP_ROWS = 16384
 # A failing URL sink: the first retry after this long, doubling up to the most.
@@ -117,29 +119,37 @@ def pixels_of(images: np.ndarray) -> np.ndarray:
 
 
 class RecordQueue:
-    """A queue bounded in rows (images), not records: a 4096-image call weighs 4096."""
+    """A queue bounded in rows (images), not records: a 4096-image call weighs 4096.
 
-    def __init__(self, capacity: int) -> None:
+    The writer is woken only once `wake_rows` rows wait (or by its own timer): woken per
+    record, it would build a table and a row group per call, and contend for the GIL with
+    the event loop thousands of times a second."""
+
+    def __init__(self, capacity: int, wake_rows: int) -> None:
         self.capacity = capacity
+        self.wake_rows = max(1, min(wake_rows, capacity // 2))
         self._items: deque[Record] = deque()
         self._rows = 0
+        self._stopped = False
         self._ready = threading.Condition(threading.Lock())
 
     def offer(self, record: Record, rows: int) -> bool:
         """Queue the record unless that would pass the capacity (rows 0: always)."""
         with self._ready:
-            if rows and self._rows + rows > self.capacity:
+            before = self._rows
+            if rows and before + rows > self.capacity:
                 return False
             self._items.append(record)
-            self._rows += rows
-            self._ready.notify()
+            self._rows = before + rows
+            if before < self.wake_rows <= self._rows:
+                self._ready.notify()
         return True
 
-    def take(self, timeout: float | None, most_rows: int) -> list[Record]:
-        """What is queued, up to about `most_rows` rows (at least one record); waits up to
-        `timeout` for the first (None: for ever)."""
+    def take(self, timeout: float, most_rows: int) -> list[Record]:
+        """What is queued, up to about `most_rows` rows (at least one record), once
+        `wake_rows` rows wait, or after `timeout` seconds, or at once when stopped."""
         with self._ready:
-            if not self._items:
+            if self._rows < self.wake_rows and not self._stopped and timeout > 0:
                 self._ready.wait(timeout)
             taken: list[Record] = []
             rows = 0
@@ -151,8 +161,10 @@ class RecordQueue:
                 taken.append(record)
             return taken
 
-    def wake(self) -> None:
+    def stop(self) -> None:
+        """From now on take() returns at once."""
         with self._ready:
+            self._stopped = True
             self._ready.notify_all()
 
     @property
@@ -165,8 +177,8 @@ class Sink:
 
     name = ""
 
-    def __init__(self, queue_rows: int) -> None:
-        self.queue = RecordQueue(queue_rows)
+    def __init__(self, queue_rows: int, wake_rows: int) -> None:
+        self.queue = RecordQueue(queue_rows, wake_rows)
         self.written = metrics.PREDICTION_LOG_RECORDS.labels(self.name)
         self.dropped = metrics.PREDICTION_LOG_DROPPED.labels(self.name)
         self.errors = metrics.PREDICTION_LOG_ERRORS.labels(self.name)
@@ -188,7 +200,7 @@ class Sink:
         """Write or send what is queued (for at most `timeout`), then stop: see join()."""
         self._deadline = time.monotonic() + timeout
         self._stopping.set()
-        self.queue.wake()
+        self.queue.stop()
 
     def join(self) -> None:
         self._thread.join(max(0.0, self._deadline - time.monotonic()) + 1.0)
@@ -370,7 +382,7 @@ class DirSink(Sink):
     name = "dir"
 
     def __init__(self, settings: Settings, folder: Path) -> None:
-        super().__init__(settings.prediction_log_queue_size)
+        super().__init__(settings.prediction_log_queue_size, ROW_GROUP_ROWS)
         try:  # here, not on the writer's first rows: importing takes a second of CPU
             import pyarrow.compute
             import pyarrow.parquet  # noqa: F401
@@ -462,7 +474,7 @@ class UrlSink(Sink):
     name = "url"
 
     def __init__(self, settings: Settings, url: str) -> None:
-        super().__init__(settings.prediction_log_queue_size)
+        super().__init__(settings.prediction_log_queue_size, URL_WAKE_ROWS)
         parts = urllib.parse.urlsplit(url)
         self.https = parts.scheme == "https"
         self.host = parts.hostname or "localhost"
