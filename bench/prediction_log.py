@@ -72,6 +72,16 @@ class Receiver:
         self.server.server_close()
 
 
+def images_of(stats: Stats) -> float:
+    return float(stats["images_per_s"] * stats["seconds"])
+
+
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU time of a process, all its threads (from /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def observe_microseconds(images: int, calls: int, folder: Path) -> float:
     """observe()'s cost per call (µs), with the folder sink writing meanwhile."""
     values: dict[str, Any] = {"prediction_log": folder, "prediction_log_queue_size": 10**7}
@@ -107,6 +117,9 @@ def run(args: argparse.Namespace) -> list[Row]:
     # Rounds of every setting in turn: each ratio is the median over the rounds of
     # (setting / off of the same round), so that a neighbour's burst on a shared machine
     # lands in one round's figures, not in one setting's.
+    # The server's CPU seconds per image served, per run (all its threads): less swayed by
+    # the neighbours of a shared machine than the rates are.
+    cpu: dict[tuple[str, int], list[float]] = {(n, i): [] for n in settings for i in (1, BATCH)}
     single: dict[str, list[Stats]] = {name: [] for name in settings}
     batch: dict[str, list[Stats]] = {name: [] for name in settings}
     try:
@@ -115,10 +128,15 @@ def run(args: argparse.Namespace) -> list[Row]:
                 server = ServerProcess(args.model_dir, "--poll-interval", "0", *flags)
                 try:
                     print(f"round {round_number + 1}: {name} ...", file=sys.stderr)
-                    single[name].append(
-                        load(server.target, 1, args.clients, args.seconds, connections=4)
-                    )
-                    batch[name].append(load(server.target, BATCH, BATCH_CLIENTS, args.seconds))
+                    pid = server.process.pid
+                    spent = cpu_seconds(pid)
+                    stats = load(server.target, 1, args.clients, args.seconds, connections=4)
+                    cpu[name, 1].append((cpu_seconds(pid) - spent) / images_of(stats))
+                    single[name].append(stats)
+                    spent = cpu_seconds(pid)
+                    stats = load(server.target, BATCH, BATCH_CLIENTS, args.seconds)
+                    cpu[name, BATCH].append((cpu_seconds(pid) - spent) / images_of(stats))
+                    batch[name].append(stats)
                     dropped = [
                         value
                         for (metric, _), value in server.scrape().items()
@@ -130,7 +148,14 @@ def run(args: argparse.Namespace) -> list[Row]:
                     server.stop()
     finally:
         receiver.stop()
-    print(f"  CloudEvents received: {receiver.posts}", file=sys.stderr)
+    print(f"  CloudEvents POSTs received: {receiver.posts}", file=sys.stderr)
+    for (name, images), runs in cpu.items():
+        off = statistics.median(cpu["off", images])
+        print(
+            f"  server CPU per image, {images}-image calls, {name}: "
+            f"{statistics.median(runs) / off:.2f} x off (median of {len(runs)})",
+            file=sys.stderr,
+        )
     shutil.rmtree(folder)
     targets = {
         "off again": None,

@@ -532,6 +532,9 @@ class UrlSink(Sink):
                 for record in batch:
                     if isinstance(record, CallRecord):
                         self._pending.extend(self.events_of(record))
+                        # Let the event loop have the GIL between calls' conversions: it
+                        # would otherwise wait up to the 5 ms switch interval for it.
+                        time.sleep(0)
                 if stopping and not self._pending and not self.queue.rows:
                     self._disconnect()
                     return
@@ -573,6 +576,7 @@ class UrlSink(Sink):
                  for e in events],
                 separators=(",", ":"),
             ).encode()  # fmt: skip
+        time.sleep(0)  # the GIL, to the event loop, after the encoding
         self._post(body, headers)
         for _ in range(count):
             self._pending.popleft()
