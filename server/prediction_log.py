@@ -24,6 +24,7 @@ Each sink has a thread of its own, so a slow receiver never holds the files back
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import logging
@@ -69,6 +70,8 @@ POST_TIMEOUT = 10.0
 RESPONSE_TYPE = "org.kubeflow.serving.inference.response"
 REQUEST_TYPE = "org.kubeflow.serving.inference.request"
 BATCH_CONTENT_TYPE = "application/cloudevents-batch+json"
+# Answers after which the same POST is tried again (with 5xx); other errors drop the events.
+RETRIED = (408, 425, 429)
 
 # Where a version's training reference is looked up (the version's metrics.json key).
 ReferenceOf = Callable[[int], Mapping[str, Any] | None]
@@ -368,6 +371,15 @@ class ParquetSeries:
             return None
         return max(0.0, self._opened + self.max_age - time.monotonic())
 
+    def abandon(self) -> None:
+        """Give up the open file after a failed write: it stays `*.tmp`, which readers
+        skip (its rows were counted as written, the failed batch's as dropped)."""
+        writer, self._writer = self._writer, None
+        self.rows = 0
+        if writer is not None:
+            with contextlib.suppress(Exception):
+                writer.close()
+
     def publish(self) -> None:
         """Close the open file and rename it to `*.parquet`: now readers take it."""
         if self._writer is None:
@@ -416,11 +428,17 @@ class DirSink(Sink):
             batch = self.queue.take(0 if stopping else wait, room)
             try:
                 self._write(batch)
+            except Exception as error:  # a full disk: count, say so, carry on
+                self.dropped.inc(sum(rows_of(record) for record in batch))
+                for s in series:
+                    s.abandon()
+                self.complain("cannot write the prediction log", error)
+            try:
                 for s in series:
                     due = s.due_in()
                     if due is not None and due <= 0:
                         s.publish()
-            except Exception as error:  # a full disk: count, say so, carry on
+            except Exception as error:
                 self.complain("cannot write the prediction log", error)
             if stopping and not batch:
                 for s in series:
@@ -577,10 +595,15 @@ class UrlSink(Sink):
                 separators=(",", ":"),
             ).encode()  # fmt: skip
         time.sleep(0)  # the GIL, to the event loop, after the encoding
-        self._post(body, headers)
+        try:
+            self._post(body, headers)
+        except EventsRejected as error:
+            self.dropped.inc(sum(e.rows for e in events))
+            self.complain("the receiver rejects prediction log events", error)
+        else:
+            self.written.inc(sum(e.rows for e in events))
         for _ in range(count):
             self._pending.popleft()
-        self.written.inc(sum(e.rows for e in events))
 
     def _post(self, body: bytes, headers: dict[str, str]) -> None:
         if self._connection is None:
@@ -589,8 +612,10 @@ class UrlSink(Sink):
         self._connection.request("POST", self.path, body, headers)
         answer = self._connection.getresponse()
         answer.read()
-        if answer.status >= 300:
+        if answer.status in RETRIED or answer.status >= 500:
             raise SinkRefused(f"HTTP {answer.status} {answer.reason}")
+        if answer.status >= 300:  # the receiver rejects these events: retrying cannot help
+            raise EventsRejected(f"HTTP {answer.status} {answer.reason}")
 
     def _disconnect(self) -> None:
         if self._connection is not None:
@@ -599,7 +624,11 @@ class UrlSink(Sink):
 
 
 class SinkRefused(Exception):
-    """The receiver answered with an error status."""
+    """The receiver cannot take events now (5xx, 408, 429): they are sent again."""
+
+
+class EventsRejected(Exception):
+    """The receiver refuses these events (another 3xx or 4xx): they are dropped."""
 
 
 class PredictionLog:

@@ -197,6 +197,7 @@ class Receiver:
         self.release = threading.Event()
         self.release.set()
         self.held = threading.Event()  # set once a POST waits for release
+        self.status = 202  # what it answers; posts are kept only when below 300
         self.connections: list[Any] = []
         receiver = self
 
@@ -212,9 +213,11 @@ class Receiver:
                 if not receiver.release.is_set():
                     receiver.held.set()
                     receiver.release.wait(60)
-                with receiver.lock:
-                    receiver.posts.append((dict(self.headers.items()), body))
-                self.send_response(202)
+                status = receiver.status
+                if status < 300:
+                    with receiver.lock:
+                        receiver.posts.append((dict(self.headers.items()), body))
+                self.send_response(status)
                 self.send_header("Content-Length", "0")
                 self.end_headers()
 
@@ -435,3 +438,21 @@ def test_workers_write_files_of_their_own_and_lose_no_call(
     assert sorted(table["request_id"].to_pylist()) == sorted(ids)
     pids = {name.split("-")[2] for name in names}
     assert len(pids) == 2, names  # both workers answered and wrote; names carry the pid
+
+
+def test_events_the_receiver_rejects_are_dropped_and_counted_not_retried(
+    tiny_model_dir: Path, receiver: Receiver
+) -> None:
+    receiver.status = 400
+    with ServerProcess(
+        tiny_model_dir, "--poll-interval", "0", "--prediction-log-url", receiver.url
+    ) as server:
+        for i in range(3):
+            predict_native(server.target, images_of(i, 2), f"r-{i}")
+        wait_for("the rejected rows counted", lambda: counter(server, "dropped", "url") == 6)
+        receiver.status = 202
+        for i in range(3, 5):
+            predict_native(server.target, images_of(i, 2), f"r-{i}")
+        assert server.stop() == 0, server.log
+    assert sorted(receiver.response_ids()) == ["r-3", "r-4"]
+    assert "the receiver rejects prediction log events" in server.log
