@@ -30,7 +30,7 @@ from mnist_serving.protos.mnist.v1 import predict_pb2 as pb
 from mnist_serving.protos.mnist.v1 import predict_pb2_grpc
 from mnist_serving.server.call_context import Call
 from mnist_serving.server.observers import Labelled
-from mnist_serving.server.prediction_log import PredictionLog
+from mnist_serving.server.prediction_log import FeedbackRecord, PredictionLog
 from mnist_serving.server.runtimes.base import Prediction
 from mnist_serving.server.settings import Settings
 
@@ -456,3 +456,31 @@ def test_events_the_receiver_rejects_are_dropped_and_counted_not_retried(
         assert server.stop() == 0, server.log
     assert sorted(receiver.response_ids()) == ["r-3", "r-4"]
     assert "the receiver rejects prediction log events" in server.log
+
+
+def test_the_queue_is_bounded_in_rows_and_wakes_its_writer_once_a_group_waits() -> None:
+    from mnist_serving.server.prediction_log import RecordQueue, ReferenceRecord
+
+    queue = RecordQueue(capacity=10, wake_rows=4)
+    record = FeedbackRecord(0.0, [Labelled("x", 0, 1, 1, 1)] * 3)  # 3 rows
+    assert all(queue.offer(record, 3) for _ in range(3))
+    assert not queue.offer(record, 3)  # 12 rows would pass the capacity: dropped
+    assert queue.offer(ReferenceRecord(1, {}), 0)  # a reference weighs nothing: always kept
+    assert queue.rows == 9
+    assert len(queue.take(timeout=0, most_rows=4)) == 2  # whole records, up to about 4 rows
+    assert queue.rows == 3
+    woken = threading.Event()
+    taken: list[object] = []
+
+    def writer() -> None:
+        taken.extend(queue.take(timeout=60, most_rows=100))
+        woken.set()
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    assert not woken.wait(0.2)  # 3 rows wait: fewer than wake_rows, the writer sleeps on
+    queue.offer(record, 3)  # 6 rows: the writer is woken
+    thread.join(30)
+    assert woken.is_set()
+    assert len(taken) == 2  # it waited for the second record
+    assert queue.rows == 0
