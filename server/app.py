@@ -26,6 +26,8 @@ from .api.rpc import RpcBinding
 from .core import InferenceCore
 from .errors import StartupError
 from .listener import ConnectionLimits, HttpListener, metrics_application
+from .observers import Observer
+from .prediction_log import PredictionLog
 from .settings import Settings
 from .versions import ModelRegistry
 
@@ -148,7 +150,12 @@ class ModelServer:
             initargs=(settings.batch_nice,),
         )
         self.registry = ModelRegistry(settings, self._inference, self._batch_inference)
-        self.core = InferenceCore(self.registry, settings)
+        # What watches every answer (server/observers.py).
+        self.prediction_log = PredictionLog.from_settings(settings, self._reference_of)
+        observers: list[Observer] = []
+        if self.prediction_log is not None:
+            observers.append(self.prediction_log)
+        self.core = InferenceCore(self.registry, settings, observers)
         # The door every call passes, and the per-call path around every call of every API.
         self.admission = Admission()
         self.access_log = (
@@ -196,6 +203,14 @@ class ModelServer:
         self._stopping = False
         self._drain_over = asyncio.Event()
         self._stopped = asyncio.Event()
+
+    def _reference_of(self, version: int) -> dict[str, Any] | None:
+        """The training reference in a loaded version's metrics.json (None without one)."""
+        for served in self.registry.served:
+            if served.version == version:
+                reference = served.model.report.get("reference")
+                return reference if isinstance(reference, dict) else None
+        return None
 
     async def start(self) -> None:
         """Load the model, then open the ports; health says SERVING only once ready.
@@ -318,7 +333,10 @@ class ModelServer:
             await self._metrics_http.stop()
         self._inference.shutdown(wait=False)
         self._batch_inference.shutdown(wait=False)
-        # The last access log lines and spans: written and exported before the exit.
+        # The last prediction log rows, access log lines and spans: written and exported
+        # before the exit.
+        if self.prediction_log is not None:
+            await asyncio.to_thread(self.prediction_log.close)
         if self.access_log is not None:
             await asyncio.to_thread(self.access_log.close)
         await asyncio.to_thread(tracing.stop)

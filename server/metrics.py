@@ -147,6 +147,23 @@ ACCESS_LOG_DROPPED = Counter(
     "Access log lines dropped because the writer's queue was full (the calls went on).",
     namespace=NAMESPACE,
 )
+PREDICTION_LOG_RECORDS = Counter(
+    "prediction_log_records",
+    "Prediction log rows written to a sink (one per image, and one per feedback label); for "
+    "the url sink, rows whose CloudEvent the receiver accepted.",
+    ["sink"], namespace=NAMESPACE,
+)  # fmt: skip
+PREDICTION_LOG_DROPPED = Counter(
+    "prediction_log_dropped",
+    "Prediction log rows dropped because the sink's queue was full, or not delivered by "
+    "the end of a shutdown (the calls went on).",
+    ["sink"], namespace=NAMESPACE,
+)  # fmt: skip
+PREDICTION_LOG_ERRORS = Counter(
+    "prediction_log_errors",
+    "Failed prediction log writes (dir) or POSTs (url); the url sink retries with backoff.",
+    ["sink"], namespace=NAMESPACE,
+)  # fmt: skip
 
 HTTP_CONNECTIONS = Gauge(
     "http_connections", "Connections open on the HTTP port.",

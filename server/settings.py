@@ -202,6 +202,56 @@ class Settings(BaseSettings):
         description="access log lines waiting for the writer; beyond it lines are dropped "
         "(and counted), never the calls",
     )
+    prediction_log: Path | None = Field(
+        None,
+        description="write a prediction log into this folder: rotating Parquet files, one "
+        "row per image (time, request ID, caller, version, priority, class, probabilities; "
+        "the input with --log-inputs), feedback rows, and each version's training reference "
+        "(off by default; needs the monitoring extra, pyarrow)",
+    )
+    prediction_log_url: str | None = Field(
+        None,
+        description="send the prediction log to this http(s) URL as CloudEvents, in the shape "
+        "KServe's payload logger sends (org.kubeflow.serving.inference.response; off by "
+        "default)",
+    )
+    prediction_log_sample: float = Field(
+        1.0,
+        ge=0,
+        le=1,
+        description="the share of inference calls the prediction log records (a sampled "
+        "call logs all its images)",
+    )
+    log_inputs: bool = Field(
+        False,
+        description="the prediction log also keeps each image (784 uint8 pixels; float32 "
+        "images scaled back to 0-255), and the URL sink sends the request events",
+    )
+    prediction_log_max_rows: int = Field(
+        100_000,
+        ge=1,
+        description="a prediction log file is closed and published (renamed to *.parquet) "
+        "once it holds this many rows (a call's rows are never split)",
+    )
+    prediction_log_max_seconds: float = Field(
+        60.0,
+        gt=0,
+        description="a prediction log file is also published once it is this old, and at shutdown",
+    )
+    prediction_log_queue_size: int = Field(
+        100_000,
+        ge=1,
+        description="prediction log rows (images) waiting for each sink's writer; beyond it "
+        "records are dropped (and counted), never the calls",
+    )
+    prediction_log_url_batch: int = Field(
+        1,
+        ge=1,
+        le=10_000,
+        description="CloudEvents per POST to --prediction-log-url: 1 sends each in binary "
+        "mode, as KServe does (ce-* headers, the body the event's data); more sends up to "
+        "that many per POST in CloudEvents' batched JSON mode",
+    )
     tracing: bool = Field(
         False,
         description="OpenTelemetry tracing (needs the otel extra): a span per call, exported "
@@ -244,6 +294,13 @@ class Settings(BaseSettings):
                     f"CORS origin {origin!r} is not scheme://host[:port] (no path) nor *"
                 )
         return origins
+
+    @field_validator("prediction_log_url")
+    @classmethod
+    def _log_url(cls, url: str | None) -> str | None:
+        if url is not None and not re.fullmatch(r"https?://[^/\s?#]+(/\S*)?", url):
+            raise ValueError(f"prediction log URL {url!r} is not http(s)://host[:port][/path]")
+        return url
 
     @model_validator(mode="after")
     def _check(self) -> Settings:
