@@ -14,6 +14,7 @@ raising domain errors, never calling context.abort themselves.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeAlias
 
@@ -42,6 +43,8 @@ CUT_SHORT = " ... (cut short)"
 # A cancellation this close to the call's deadline is counted as the deadline: see
 # cancelled_status.
 DEADLINE_SLACK = 1.0
+# With RESOURCE_EXHAUSTED from a key's rate limit: when to retry, in milliseconds.
+RETRY_AFTER_METADATA = "retry-after-ms"
 
 
 class RpcBinding:
@@ -121,6 +124,13 @@ class RpcBinding:
             )
             if not isinstance(outcome, Failure):
                 return outcome
+            if outcome.retry_after is not None:  # a key over its own rate limit
+                context.set_trailing_metadata(
+                    (
+                        (REQUEST_ID_METADATA, request_id),
+                        (RETRY_AFTER_METADATA, str(math.ceil(outcome.retry_after * 1000))),
+                    )
+                )
             message = outcome.message
             if len(message) > MAX_DETAILS:
                 message = message[: MAX_DETAILS - len(CUT_SHORT)] + CUT_SHORT
