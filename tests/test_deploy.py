@@ -67,8 +67,14 @@ TENSORFLOW_PACKAGES = {
 
 # The server's metrics contract: sample name stem -> (type, label names).
 METRICS: dict[str, tuple[str, frozenset[str]]] = {
-    "mnist_requests_total": ("counter", frozenset({"api", "method", "code", "priority"})),
-    "mnist_request_duration_seconds": ("histogram", frozenset({"api", "method", "priority"})),
+    "mnist_requests_total": (
+        "counter",
+        frozenset({"api", "method", "code", "priority", "caller"}),
+    ),
+    "mnist_request_duration_seconds": (
+        "histogram",
+        frozenset({"api", "method", "priority", "caller"}),
+    ),
     "mnist_batch_queue_wait_seconds": ("histogram", frozenset({"priority"})),
     "mnist_requests_shed_total": ("counter", frozenset({"priority"})),
     "mnist_model_inference_seconds": ("histogram", frozenset()),
