@@ -88,6 +88,9 @@ class RayJobSettings:
     num_cpus: int | None = None  # of the local instance (None: all cores)
     progress: bool = True  # Ray Data's progress bars
     priority: Priority | None = BATCH  # the class every call declares (see JobSettings)
+    # The server's API key: its value travels to every actor with the job's settings (no
+    # token file needed on the workers); kept out of repr, so out of logs and tracebacks.
+    token: str | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         check_priority(self.priority)
@@ -220,6 +223,7 @@ def run_ray_job(
             output=output,
             priority=settings.priority,
             trace_context=trace_metadata(),
+            token=settings.token,
         )
         outcomes, actors = _run_on_ray(settings, worker, todo)
     elapsed = time.perf_counter() - started
@@ -322,6 +326,7 @@ def _client(
         retry=settings.retry,
         load_balancing="round_robin" if target.startswith("dns:") else None,
         priority=settings.priority,
+        token=settings.token,
     )
 
 
@@ -443,6 +448,7 @@ class WorkerSettings:
     priority: Priority | None
     # The driver's trace context (OpenTelemetry): the actors' calls join the driver's trace.
     trace_context: tuple[tuple[str, str], ...] = ()
+    token: str | None = field(default=None, repr=False)  # the server's API key
 
 
 class RoundRobin:
