@@ -5,6 +5,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import grpc
 
 REQUEST_ID_METADATA = "x-request-id"
@@ -102,10 +104,8 @@ def from_rpc_error(error: grpc.RpcError) -> MnistError:
         kind = RateLimited
     typed = kind(details, code)
     if isinstance(typed, RateLimited) and retry_after is not None:
-        try:
+        with contextlib.suppress(ValueError):
             typed.retry_after = float(retry_after) / 1000
-        except ValueError:
-            pass
     typed.request_id = request_id_in(metadata)
     return typed
 
