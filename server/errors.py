@@ -90,6 +90,7 @@ STATUS_OF: dict[type[ServingError], grpc.StatusCode] = {
     ClientGone: grpc.StatusCode.CANCELLED,
     Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
     PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
+    RateLimited: grpc.StatusCode.RESOURCE_EXHAUSTED,
 }
 # The statuses TensorFlow Serving's REST API gives the same gRPC codes (KServe's agree):
 # a full queue is 429 (retry later, here), a draining server 503 (retry elsewhere). A client
@@ -107,6 +108,7 @@ HTTP_STATUS_OF: dict[type[ServingError], int] = {
     ClientGone: 499,
     Unauthenticated: 401,
     PermissionDenied: 403,
+    RateLimited: 429,
 }
 INTERNAL_MESSAGE = "internal error; the server log has the details"
 
