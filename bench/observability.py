@@ -1,12 +1,14 @@
-"""`python -m bench.observability --model-dir DIR`: what the access log and tracing cost,
-ratios side by side in one run.
+"""`python -m bench.observability --model-dir DIR`: what the access log, tracing and API
+keys cost, ratios side by side in one run.
 
 One server per setting, the same load on each (single images from `--clients` clients;
-batch-256 requests from 4 clients), each figure divided by the same figure with both off:
+batch-256 requests from 4 clients), each figure divided by the same figure with all of them off:
   O0a/O0b  both off again, run last: how far two identical runs differ on this machine
   O1/O2  --access-log FILE at sample rate 1.0 (every call a line)
   O3/O4  --tracing, sampler always on (every call 3+ spans, exported over OTLP/gRPC)
   O5/O6  --tracing, parentbased_traceidratio at 0.01 (1 % of the calls traced)
+  O7/O8  --auth-keys with 3 keys, every call sending a predict key's bearer token (the
+         key checked, its role, and the caller label on the request metrics)
 Spans go to an OTLP/gRPC receiver in this process that counts them and answers at once
 (the load of a collector on the same machine). Read the ratios, not the absolute figures.
 """
@@ -14,6 +16,8 @@ Spans go to an OTLP/gRPC receiver in this process that counts them and answers a
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import os
 import sys
 import tempfile
@@ -68,15 +72,31 @@ class SpanSink:
         self.server.stop(0)
 
 
+def make_keys(path: Path) -> str:
+    """A keys file of three keys (a read one, a rate-limited one, and the one the load
+    sends), like a small deployment's; the token of the predict key."""
+    from mnist_serving.server.auth import keys_main
+
+    with contextlib.redirect_stdout(io.StringIO()) as out:
+        keys_main(["add", "viewer", "--role", "read", "--file", str(path)])
+        keys_main(["add", "limited", "--role", "predict", "--file", str(path),
+                   "--requests-per-second", "10"])  # fmt: skip
+        keys_main(["add", "bench", "--role", "predict", "--file", str(path)])
+    return out.getvalue().strip().splitlines()[-1]
+
+
 def run(args: argparse.Namespace) -> list[Row]:
     sink = SpanSink()
     folder = Path(tempfile.mkdtemp(prefix="mnist-bench-access-"))
+    keys = folder / "keys.json"
+    token = make_keys(keys)
     otlp = {
         "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{sink.port}",
         "OTEL_EXPORTER_OTLP_INSECURE": "true",
     }
     settings: dict[str, tuple[list[str], dict[str, str]]] = {
         "off": ([], {}),
+        "auth on": (["--auth-keys", str(keys)], {}),
         "access log 1.0": (["--access-log", str(folder / "access.jsonl")], {}),
         "tracing always on": (
             ["--tracing"],
@@ -98,10 +118,16 @@ def run(args: argparse.Namespace) -> list[Row]:
         for name, (flags, env) in settings.items():
             server = ServerProcess(args.model_dir, "--poll-interval", "0", *flags, env=env)
             try:
+                # Every load sends the token: the servers without keys ignore it.
                 print(f"{name}: 1 image, {args.clients} clients ...", file=sys.stderr)
-                single[name] = load(server.target, 1, args.clients, args.seconds, connections=4)
+                single[name] = load(
+                    server.target, 1, args.clients, args.seconds, connections=4, token=token
+                )
                 print(f"{name}: batch {BATCH}, {BATCH_CLIENTS} clients ...", file=sys.stderr)
-                batch[name] = load(server.target, BATCH, BATCH_CLIENTS, args.seconds)
+                batch[name] = load(server.target, BATCH, BATCH_CLIENTS, args.seconds, token=token)
+                failed = single[name]["errors"] or batch[name]["errors"]
+                if failed:
+                    raise RuntimeError(f"{name}: calls failed: {failed}")
             finally:
                 server.stop()
     finally:
@@ -112,15 +138,18 @@ def run(args: argparse.Namespace) -> list[Row]:
         with lines.open() as written:
             print(f"  access log lines written: {sum(1 for _ in written)}", file=sys.stderr)
         lines.unlink()
+    keys.unlink()
     folder.rmdir()
     targets = {
         "off again": None,
         "access log 1.0": 0.9,
         "tracing always on": None,
         "tracing 1 %": 0.95,
+        "auth on": 0.95,
     }
     names = {"off again": ("O0a", "O0b"), "access log 1.0": ("O1", "O2")}
     names.update({"tracing always on": ("O3", "O4"), "tracing 1 %": ("O5", "O6")})
+    names["auth on"] = ("O7", "O8")
     rows: list[Row] = []
     off_single, off_batch = single["off"], batch["off"]
     for name, target in targets.items():

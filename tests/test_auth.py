@@ -194,9 +194,12 @@ def rpc(
         try:
             _, call = stub.with_call(request, metadata=metadata, timeout=30)
         except grpc.RpcError as error:
-            trailing = dict(error.trailing_metadata() or ())
-            return error.code(), error.details() or "", trailing
-        return OK, "", dict(call.trailing_metadata() or ())
+            return error.code(), error.details() or "", text_pairs(error.trailing_metadata())
+        return OK, "", text_pairs(call.trailing_metadata())
+
+
+def text_pairs(metadata: Any) -> dict[str, str]:
+    return {str(key): str(value) for key, value in metadata or ()}
 
 
 def http(

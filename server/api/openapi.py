@@ -69,7 +69,7 @@ MEANING: dict[type[ServingError], str] = {
 KEYED = (Unauthenticated, PermissionDenied, RateLimited)
 BEARER = "bearerAuth"
 # Either a key, or none where the server runs without --auth-keys (the default).
-SECURITY = [{BEARER: []}, {}]
+SECURITY: list[dict[str, list[str]]] = [{BEARER: []}, {}]
 SECURITY_SCHEMES = {
     BEARER: {
         "type": "http",
