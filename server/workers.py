@@ -118,7 +118,7 @@ class Supervisor:
 
     async def run(self) -> int:
         # After supervise() set the multiprocess dir: metrics objects are made at import.
-        from .auth import Authenticator
+        from .auth import Authenticator, KeysFileError
         from .listener import HttpListener, metrics_application
 
         listener: HttpListener | None = None
@@ -138,7 +138,10 @@ class Supervisor:
             if self.settings.metrics_port is not None:
                 auth = None
                 if self.settings.metrics_auth and self.settings.auth_keys is not None:
-                    auth = Authenticator(self.settings.auth_keys, metrics_auth=True)
+                    try:
+                        auth = Authenticator(self.settings.auth_keys, metrics_auth=True)
+                    except KeysFileError as error:
+                        raise StartupError(str(error)) from None
                 listener = HttpListener(metrics_application(auth), 0)
                 shared["metrics_port"] = await listener.start(
                     self.settings.host, self.settings.metrics_port

@@ -12,6 +12,7 @@ reaches the log.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -98,7 +99,11 @@ def keys(tmp_path_factory: pytest.TempPathFactory) -> Keys:
 
 @pytest.fixture(scope="module")
 def server(tiny_model_dir: Path, keys: Keys) -> Iterator[ServerProcess]:
-    server = ServerProcess(tiny_model_dir, "--poll-interval", "0", "--auth-keys", str(keys.file))
+    access_log = keys.file.parent / "access.jsonl"
+    server = ServerProcess(
+        tiny_model_dir, "--poll-interval", "0", "--auth-keys", str(keys.file),
+        "--access-log", str(access_log),
+    )  # fmt: skip
     yield server
     assert server.stop() == 0, server.log
 
@@ -310,6 +315,29 @@ def test_metrics_are_open_by_default_and_carry_the_caller(
     assert after[refused] == before.get(refused, 0.0) + 1
     callers = {dict(labels)["caller"] for name, labels in after if name == "mnist_requests_total"}
     assert callers <= {"anonymous", "scorer", "viewer", "limited", "imagey"}  # the file's
+
+
+def test_the_access_log_names_the_caller(server: ServerProcess, keys: Keys) -> None:
+    access_log = keys.file.parent / "access.jsonl"
+    ids = {"scorer": "who-1", "anonymous": "who-2"}
+    metadata = "/mnist.v1.MnistService/GetModelMetadata"
+    for token, request_id in ((keys.predict, ids["scorer"]), (None, ids["anonymous"])):
+        with grpc.insecure_channel(server.target) as channel:
+            stub = channel.unary_unary(metadata, request_serializer=lambda m: m.SerializeToString())
+            sent = (("x-request-id", request_id), *(bearer(token) if token else ()))
+            with contextlib.suppress(grpc.RpcError):
+                stub(pb.GetModelMetadataRequest(), metadata=sent, timeout=30)
+
+    def callers() -> dict[str, tuple[str, str]]:
+        lines = access_log.read_text().splitlines() if access_log.exists() else []
+        records = [json.loads(line) for line in lines]
+        return {r["request_id"]: (r["caller"], r["status"]) for r in records}
+
+    wait_for(lambda: set(ids.values()) <= set(callers()), "both calls logged")
+    assert callers()[ids["scorer"]] == ("scorer", "OK")
+    assert callers()[ids["anonymous"]] == ("anonymous", "UNAUTHENTICATED")
+    for token in keys.tokens:
+        assert token not in access_log.read_text()
 
 
 def test_the_client_library_maps_auth_failures_to_exceptions(
@@ -565,3 +593,29 @@ def test_keys_rotate_without_a_restart_and_a_broken_file_keeps_them(
             assert token not in server.log
     finally:
         assert server.stop() == 0, server.log
+
+
+def test_every_worker_reads_the_keys_and_the_supervisors_metrics_port_wants_one(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    keys = tmp_path / "keys.json"
+    token = add_key(keys, "scorer", "predict")
+    with ServerProcess(
+        tiny_model_dir, "--poll-interval", "0", "--workers", "2", "--auth-keys", str(keys),
+        "--metrics-auth", "--metrics-port", "0",
+    ) as server:  # fmt: skip
+        # Each new channel is a new connection, which the kernel hands to either worker.
+        for _ in range(8):
+            assert rpc(server, "/mnist.v1.MnistService/Predict", NATIVE_PREDICT, None)[0] == (
+                UNAUTHENTICATED
+            )
+            assert rpc(server, "/mnist.v1.MnistService/Predict", NATIVE_PREDICT, token)[0] == OK
+        request = urllib.request.Request(server.metrics_url)
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(request, timeout=30)
+        assert refused.value.code == 401
+        request.add_header("Authorization", f"Bearer {token}")
+        with urllib.request.urlopen(request, timeout=30) as answer:
+            page = answer.read().decode()
+        assert 'caller="scorer"' in page
+        assert server.log.count("api keys on") == 2  # one line per worker
