@@ -112,6 +112,12 @@ def run(args: argparse.Namespace) -> list[Row]:
         ),
         "off again": ([], {}),  # the noise floor: the same server as the first, run last
     }
+    if args.only:  # a focused run: these settings, between "off" and "off again"
+        wanted = {"off", "off again", *args.only}
+        unknown = wanted - set(settings)
+        if unknown:
+            raise SystemExit(f"--only: no setting {sorted(unknown)}; known: {list(settings)}")
+        settings = {name: value for name, value in settings.items() if name in wanted}
     single: dict[str, Stats] = {}
     batch: dict[str, Stats] = {}
     try:
@@ -153,6 +159,8 @@ def run(args: argparse.Namespace) -> list[Row]:
     rows: list[Row] = []
     off_single, off_batch = single["off"], batch["off"]
     for name, target in targets.items():
+        if name not in single:
+            continue
         first, second = names[name]
         rows.append(
             row(first, f"{name}: 1 image, {args.clients} clients: req/s / off req/s",
@@ -173,6 +181,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--clients", type=int, default=64, help="single-image clients")
     parser.add_argument("--seconds", type=float, default=5.0, help="measured time per run")
     parser.add_argument("--json", type=Path, help="also write one JSON object per row here")
+    parser.add_argument(
+        "--only",
+        type=lambda text: [name.strip() for name in text.split(",") if name.strip()],
+        default=[],
+        metavar="NAMES",
+        help='run only these settings (comma-separated, e.g. "auth on"), between "off" and '
+        '"off again"',
+    )
     args = parser.parse_args(argv)
     settings = {
         "seconds_per_run": args.seconds,
