@@ -212,10 +212,10 @@ import os, sys
 import numpy as np
 from mnist_serving.server import metrics
 n = int(sys.argv[1])
-metrics.REQUESTS.labels("native", "Predict", "OK", "online").inc(n)
-metrics.REQUESTS.labels("v2", "ModelInfer", "INVALID_ARGUMENT", "online").inc(1)
+metrics.REQUESTS.labels("native", "Predict", "OK", "online", "anonymous").inc(n)
+metrics.REQUESTS.labels("v2", "ModelInfer", "INVALID_ARGUMENT", "online", "anonymous").inc(1)
 for seconds in (0.0002, 0.003, 0.3)[:n]:
-    metrics.REQUEST_SECONDS.labels("native", "Predict", "online").observe(seconds)
+    metrics.REQUEST_SECONDS.labels("native", "Predict", "online", "anonymous").observe(seconds)
 metrics.count_classes(np.arange(n) % 10)
 metrics.IN_FLIGHT.inc(n)
 print(os.getpid())
