@@ -323,7 +323,11 @@ def test_the_access_log_names_the_caller(server: ServerProcess, keys: Keys) -> N
     metadata = "/mnist.v1.MnistService/GetModelMetadata"
     for token, request_id in ((keys.predict, ids["scorer"]), (None, ids["anonymous"])):
         with grpc.insecure_channel(server.target) as channel:
-            stub = channel.unary_unary(metadata, request_serializer=lambda m: m.SerializeToString())
+            stub = channel.unary_unary(
+                metadata,
+                request_serializer=lambda m: m.SerializeToString(),
+                response_deserializer=lambda data: data,
+            )
             sent = (("x-request-id", request_id), *(bearer(token) if token else ()))
             with contextlib.suppress(grpc.RpcError):
                 stub(pb.GetModelMetadataRequest(), metadata=sent, timeout=30)
