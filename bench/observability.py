@@ -90,12 +90,13 @@ def check_cost(keys: Path, token: str, calls: int = 20000) -> float:
     """Microseconds per key check in this process (the token's hash, the lookup, the
     constant-time compare, the role): what auth adds to a call, free of the load's noise."""
     from mnist_serving.server.auth import Authenticator
+    from mnist_serving.server.call_context import Call
 
     auth = Authenticator(keys)
     carrier = {"authorization": f"Bearer {token}", "x-request-id": "bench"}
     started = time.perf_counter()
     for _ in range(calls):
-        auth.check("predict", carrier)
+        auth.check("predict", carrier, Call("native", "Predict"))
     return (time.perf_counter() - started) / calls * 1e6
 
 

@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any, Literal, NoReturn
 
 from . import metrics
+from .call_context import Call
 from .errors import PermissionDenied, RateLimited, Unauthenticated
 from .logs import RateLimitedLog
 
@@ -294,10 +295,12 @@ class Authenticator:
             self._fail("unknown", "the bearer token is not a valid key")
         return key
 
-    def check(self, needed: Role, carrier: Mapping[str, str] | None) -> tuple[str, KeyLimits]:
-        """The caller's key name and its limits, for a method that needs `needed`;
-        Unauthenticated, PermissionDenied or RateLimited otherwise."""
+    def check(self, needed: Role, carrier: Mapping[str, str] | None, call: Call) -> None:
+        """Admit `call` to a method that needs `needed`: its caller is the key's name (also
+        when it is then refused), its limits the key's; Unauthenticated, PermissionDenied
+        or RateLimited otherwise."""
         key = self.identify(carrier)
+        call.caller = key.name
         if not allows(key.role, needed):
             metrics.AUTH_FAILURES.labels("forbidden").inc()
             _failure_logs["forbidden"].warning("call refused: role too narrow", caller=key.name)
@@ -306,7 +309,8 @@ class Authenticator:
             )
         limits = self._limits[key.name]
         limits.take_request()
-        return key.name, limits
+        if limits.requests is not None or limits.images is not None:
+            call.limits = limits  # the core charges the images (call_context.admit_images)
 
     def _fail(self, reason: str, message: str) -> NoReturn:
         metrics.AUTH_FAILURES.labels(reason).inc()

@@ -295,11 +295,11 @@ def test_health_stays_open(server: ServerProcess) -> None:
 def test_metrics_are_open_by_default_and_carry_the_caller(
     server: ServerProcess, keys: Keys
 ) -> None:
-    def ok_calls(samples: dict[Any, float], caller: str) -> float:
+    def calls(samples: dict[Any, float], caller: str, code: str = "OK") -> float:
         labels = (
             ("api", "native"),
             ("caller", caller),
-            ("code", "OK"),
+            ("code", code),
             ("method", "Predict"),
             ("priority", "online"),
         )
@@ -310,8 +310,13 @@ def test_metrics_are_open_by_default_and_carry_the_caller(
     with MnistClient(server.target, token=keys.predict) as client:
         client.predict(np.zeros((2, 28, 28), np.uint8))
     assert rpc(server, "/mnist.v1.MnistService/Predict", NATIVE_PREDICT, None)[0] != OK
+    assert rpc(server, "/mnist.v1.MnistService/Predict", NATIVE_PREDICT, keys.read)[0] != OK
     after = scrape(server)
-    assert ok_calls(after, "scorer") == ok_calls(before, "scorer") + 1
+    assert calls(after, "scorer") == calls(before, "scorer") + 1
+    # A known key refused for its role is counted under its name, no token as anonymous.
+    denied, missing = ("viewer", "PERMISSION_DENIED"), ("anonymous", "UNAUTHENTICATED")
+    assert calls(after, *denied) == calls(before, *denied) + 1
+    assert calls(after, *missing) == calls(before, *missing) + 1
     assert after[refused] == before.get(refused, 0.0) + 1
     callers = {dict(labels)["caller"] for name, labels in after if name == "mnist_requests_total"}
     assert callers <= {"anonymous", "scorer", "viewer", "limited", "imagey"}  # the file's

@@ -178,9 +178,7 @@ class CallPath:
         try:
             task = admission.enter()  # ShuttingDown once the server stops admitting
             if self.auth is not None and stats.needs is not None:
-                call.caller, limits = self.auth.check(stats.needs, carrier)
-                if limits.requests is not None or limits.images is not None:
-                    call.limits = limits
+                self.auth.check(stats.needs, carrier, call)
             if priority is not None:
                 call.priority = call_context.priority_named(priority)
             outcome = await work(call)
