@@ -8,7 +8,8 @@ batch-256 requests from 4 clients), each figure divided by the same figure with 
   O3/O4  --tracing, sampler always on (every call 3+ spans, exported over OTLP/gRPC)
   O5/O6  --tracing, parentbased_traceidratio at 0.01 (1 % of the calls traced)
   O7/O8  --auth-keys with 3 keys, every call sending a predict key's bearer token (the
-         key checked, its role, and the caller label on the request metrics)
+         key checked, its role, and the caller label on the request metrics); with
+         --rounds N, the two servers side by side, loaded in turn, medians of N rounds
 Spans go to an OTLP/gRPC receiver in this process that counts them and answers at once
 (the load of a collector on the same machine). Read the ratios, not the absolute figures.
 """
@@ -191,12 +192,77 @@ def run(args: argparse.Namespace) -> list[Row]:
     return rows
 
 
+def alternate(args: argparse.Namespace) -> list[Row]:
+    """`--rounds N`: a server without keys and one with them, both up, loaded in turn (the
+    order flipped every round), N rounds of each shape; the median of each side's figures.
+    On a shared machine this is fairer than one run per server: slow spells hit both."""
+    folder = Path(tempfile.mkdtemp(prefix="mnist-bench-auth-"))
+    keys = folder / "keys.json"
+    token = make_keys(keys)
+    servers = {
+        "off": ServerProcess(args.model_dir, "--poll-interval", "0"),
+        "auth on": ServerProcess(args.model_dir, "--poll-interval", "0", "--auth-keys", str(keys)),
+    }
+    shapes = {"single": (1, args.clients, 4), "batch": (BATCH, BATCH_CLIENTS, 1)}
+    runs: dict[tuple[str, str], list[Stats]] = {}
+    try:
+        for round_ in range(args.rounds):
+            order = list(servers) if round_ % 2 == 0 else list(reversed(servers))
+            for shape, (images, clients, connections) in shapes.items():
+                for name in order:
+                    stats = load(
+                        servers[name].target, images, clients, args.seconds,
+                        connections=connections, token=token,
+                    )  # fmt: skip
+                    if stats["errors"]:
+                        raise RuntimeError(f"{name}: calls failed: {stats['errors']}")
+                    runs.setdefault((name, shape), []).append(stats)
+    finally:
+        for server in servers.values():
+            server.stop()
+        keys.unlink()
+        folder.rmdir()
+
+    def median(name: str, shape: str, key: str) -> Stats:
+        chosen = sorted(runs[name, shape], key=lambda stats: stats[key])
+        return chosen[len(chosen) // 2]
+
+    single_on, single_off = (
+        median("auth on", "single", "req_per_s"),
+        median("off", "single", "req_per_s"),
+    )
+    batch_on, batch_off = (
+        median("auth on", "batch", "images_per_s"),
+        median("off", "batch", "images_per_s"),
+    )
+    every = ", ".join(
+        f"{name}/{shape}: " + " ".join(f"{s['req_per_s']:.0f}" for s in stats)
+        for (name, shape), stats in runs.items()
+    )
+    print(f"  req/s of every run: {every}", file=sys.stderr)
+    return [
+        row("O7", f"auth on: 1 image, {args.clients} clients: median req/s / off median req/s "
+            f"({args.rounds} alternating rounds)", single_on, "off", single_off,
+            single_on["req_per_s"] / single_off["req_per_s"], 0.95),
+        row("O8", f"auth on: batch-{BATCH} uint8, {BATCH_CLIENTS} clients: median images/s / "
+            f"off median images/s ({args.rounds} alternating rounds)", batch_on, "off", batch_off,
+            batch_on["images_per_s"] / batch_off["images_per_s"], 0.95),
+    ]  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.observability", description=__doc__)
     parser.add_argument("--model-dir", type=Path, required=True, help="e.g. models/mnist")
     parser.add_argument("--clients", type=int, default=64, help="single-image clients")
     parser.add_argument("--seconds", type=float, default=5.0, help="measured time per run")
     parser.add_argument("--json", type=Path, help="also write one JSON object per row here")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=0,
+        metavar="N",
+        help="instead: auth on against off, both servers up, loaded in turn for N rounds (medians)",
+    )
     parser.add_argument(
         "--only",
         type=lambda text: [name.strip() for name in text.split(",") if name.strip()],
@@ -211,7 +277,7 @@ def main(argv: list[str] | None = None) -> None:
         "clients": args.clients,
         "usable_cpus": len(os.sched_getaffinity(0)),
     }
-    rows = run(args)
+    rows = alternate(args) if args.rounds else run(args)
     print_table(rows, settings)
     if args.json:
         write_json(args.json, rows, settings)
