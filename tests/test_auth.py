@@ -29,6 +29,7 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
+from google.protobuf import message_factory
 from google.protobuf.message import Message
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -251,6 +252,31 @@ def test_every_rpc_needs_a_key_whose_role_covers_it(
         assert "'viewer'" in details
         assert "'read'" in details
     assert rpc(server, method, request, keys.predict)[0] == OK
+
+
+def test_every_method_of_every_served_service_is_keyed(server: ServerProcess, keys: Keys) -> None:
+    """All the unary methods the gRPC port serves, with an empty request: refused without a
+    key (health alone open), refused to a read key unless the method only reads, and never
+    refused for auth with a predict key (whatever the method then answers)."""
+    from mnist_serving.server.app import SERVED
+    from mnist_serving.server.auth import needed_role
+
+    auth_codes = (UNAUTHENTICATED, PERMISSION_DENIED)
+    seen = set()
+    for service in SERVED:
+        for method in service.methods:
+            if method.client_streaming or method.server_streaming:
+                continue  # not served (UNIMPLEMENTED from gRPC itself)
+            path = f"/{service.full_name}/{method.name}"
+            request = message_factory.GetMessageClass(method.input_type)()
+            needs = needed_role(method.name)
+            seen.add(needs)
+            code = rpc(server, path, request, None)[0]
+            assert code == (OK if needs is None else UNAUTHENTICATED), path
+            code = rpc(server, path, request, keys.read)[0]
+            assert (code == PERMISSION_DENIED) == (needs == "predict"), (path, code)
+            assert rpc(server, path, request, keys.predict)[0] not in auth_codes, path
+    assert seen == {None, "read", "predict"}
 
 
 @pytest.mark.parametrize(("verb", "path", "body", "needs"), ROUTES, ids=[r[1] for r in ROUTES])
