@@ -18,7 +18,8 @@ from .cpus import usable_cpus
 
 class Settings(BaseSettings):
     """Serve the MNIST SavedModel over gRPC and HTTP. Every flag is also an environment
-    variable: --model-dir is MNIST_SERVING_MODEL_DIR, and so on."""
+    variable: --model-dir is MNIST_SERVING_MODEL_DIR, and so on. `mnist-serve keys
+    add|list|remove` manages an --auth-keys file."""
 
     model_config = SettingsConfigDict(
         env_prefix="MNIST_SERVING_",
