@@ -60,6 +60,7 @@ def grpc_call(
     images: np.ndarray,
     decode: bool,
     priority: str | None = None,
+    token: str | None = None,
 ) -> Call:
     if protocol == "native":
         from mnist_serving.protos.mnist.v1 import predict_pb2 as pb
@@ -69,7 +70,9 @@ def grpc_call(
             images=pb.Tensor(dtype=pb.DATA_TYPE_UINT8, shape=images.shape, content=images.tobytes())
         )
         predict = predict_pb2_grpc.MnistServiceStub(channel).Predict
-        metadata = (("mnist-priority", priority),) if priority else None
+        sent: tuple[tuple[str, str], ...] = (("mnist-priority", priority),) if priority else ()
+        sent += (("authorization", f"Bearer {token}"),) if token else ()
+        metadata = sent or None
 
         async def native() -> None:
             answer = await predict(request, timeout=30, metadata=metadata)
@@ -179,13 +182,15 @@ async def generate(
     warmup: float = WARMUP,
     decode: bool = False,
     priority: str | None = None,
+    token: str | None = None,
 ) -> Stats:
     """The closed loop, in this process: what one load generator process measured
-    (`priority`: the class native calls declare; the server's default when None)."""
+    (`priority`: the class native calls declare; the server's default when None; `token`:
+    the API key native calls send)."""
     batch = pixels(images)
     links = [connect(protocol, target) for _ in range(connections)]
     if protocol in GRPC_PROTOCOLS:
-        calls = [grpc_call(protocol, link, batch, decode, priority) for link in links]
+        calls = [grpc_call(protocol, link, batch, decode, priority, token) for link in links]
     else:
         calls = [http_call(protocol, link, batch, decode) for link in links]
     latencies: list[float] = []
@@ -255,10 +260,12 @@ def load(
     cpus: set[int] | None = None,
     decode: bool = False,
     priority: str | None = None,
+    token: str | None = None,
 ) -> Stats:
     """Closed-loop load on `target` from `processes` load generators at once, each in its
     own process, the clients and connections split among them: the figures of them all
-    (rates summed, the slowest generator's latencies)."""
+    (rates summed, the slowest generator's latencies). `token`: an API key that native calls
+    send (handed over in the environment, not the command line)."""
     runs = []
     for index in range(processes):
         share = clients // processes + (index < clients % processes)
@@ -269,7 +276,8 @@ def load(
             "--seconds", str(seconds), *(["--decode"] if decode else []),
             *(["--priority", priority] if priority else []),
         ]  # fmt: skip
-        run = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+        env = {**os.environ, TOKEN_ENV: token} if token else None
+        run = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=env)
         if cpus:
             os.sched_setaffinity(run.pid, cpus)  # before its warm-up ends
         runs.append(run)
@@ -397,6 +405,9 @@ def write_json(path: Path, rows: Iterable[Row], settings: dict[str, Any]) -> Non
             out.write(json.dumps({**labels, **fields, "met": r.met, "settings": settings}) + "\n")
 
 
+TOKEN_ENV = "MNIST_BENCH_TOKEN"  # how load() hands an API key to its generators
+
+
 def rss_mb(pid: int) -> float:
     """Resident memory of process `pid`, MB (NaN if /proc does not say)."""
     found = re.search(r"VmRSS:\s+(\d+) kB", Path(f"/proc/{pid}/status").read_text())
@@ -421,7 +432,7 @@ def main() -> None:
     a = parser.parse_args()
     stats = asyncio.run(
         generate(a.protocol, a.target, a.images, a.clients, a.connections, a.seconds, a.warmup,
-                 a.decode, a.priority)
+                 a.decode, a.priority, os.environ.get(TOKEN_ENV) or None)
     )  # fmt: skip
     print(json.dumps(stats))
 

@@ -29,6 +29,7 @@ from .client import (
     SERVICE_NAME,
     MnistClient,
     Priority,
+    authorization,
     tls_credentials,
 )
 from .codec import Prediction
@@ -98,6 +99,18 @@ def _parser() -> argparse.ArgumentParser:
         help="present this certificate, for servers that require one (mutual TLS; implies --tls)",
     )
     common.add_argument("--client-key", type=Path, metavar="PEM", help="the key of --client-cert")
+    common.add_argument(
+        "--token",
+        metavar="TOKEN",
+        help="the server's API key (mnist-serve --auth-keys); visible to other users in the "
+        "process list: prefer --token-file or $MNIST_TOKEN",
+    )
+    common.add_argument(
+        "--token-file",
+        type=Path,
+        metavar="FILE",
+        help="read the API key from this file (default: $MNIST_TOKEN, if set)",
+    )
 
     health = commands.add_parser(
         "health", parents=[common], help="exit 0 iff the server is SERVING"
@@ -368,8 +381,35 @@ def _credentials(args: argparse.Namespace) -> grpc.ChannelCredentials | None:
     return None
 
 
+def _token(args: argparse.Namespace) -> str | None:
+    """The API key: --token, else --token-file's content, else $MNIST_TOKEN, else none."""
+    if args.token is not None:
+        token, source = str(args.token), "--token"
+    elif args.token_file is not None:
+        source = f"--token-file {args.token_file}"
+        try:
+            token = args.token_file.read_text()
+        except OSError as error:
+            raise InputFileError(f"{source}: {error.strerror}") from None
+    else:
+        token, source = os.environ.get("MNIST_TOKEN", ""), "$MNIST_TOKEN"
+        if not token.strip():
+            return None
+    try:
+        authorization(token)
+    except ValueError as error:
+        raise InputFileError(f"{source}: {error}") from None
+    return token.strip()
+
+
 def _client(args: argparse.Namespace, **options: Any) -> MnistClient:
-    return MnistClient(args.target, credentials=_credentials(args), timeout=args.timeout, **options)
+    return MnistClient(
+        args.target,
+        credentials=_credentials(args),
+        timeout=args.timeout,
+        token=_token(args),
+        **options,
+    )
 
 
 def _health(args: argparse.Namespace) -> int:
@@ -470,6 +510,7 @@ def _score(args: argparse.Namespace) -> int:
         credentials=_credentials(args),
         priority=args.priority,
         request_ids=args.request_ids,
+        token=_token(args),
     )
     bars: list[tqdm[Any]] = []
 
@@ -575,6 +616,7 @@ def _score_ray(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         priority=args.priority,
         request_ids=args.request_ids,
+        token=_token(args),
     )
 
     def start(todo: int, kept: int) -> None:

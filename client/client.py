@@ -56,6 +56,8 @@ PRIORITIES: tuple[Priority, ...] = get_args(Priority)
 ONLINE: Priority = "online"
 BATCH: Priority = "batch"
 PRIORITY_METADATA = "mnist-priority"
+# An API key's token travels as `authorization: Bearer <token>` (server/auth.py).
+AUTHORIZATION_METADATA = "authorization"
 
 
 @dataclass(frozen=True)
@@ -188,6 +190,17 @@ def check_settings(timeout: float | None, max_images_per_request: int, connectio
         raise ValueError("connections must be at least 1")
 
 
+def authorization(token: str | None) -> tuple[tuple[str, str], ...]:
+    """The metadata that carries an API key's token (none without one). Per-call metadata,
+    not grpc call credentials: those are only ever sent over TLS."""
+    if token is None:
+        return ()
+    token = token.strip()
+    if not token or not token.isascii() or not token.isprintable() or " " in token:
+        raise ValueError("token must be one word of printable ASCII (an mnist-serve API key)")
+    return ((AUTHORIZATION_METADATA, f"Bearer {token}"),)
+
+
 class ClientSettings:
     """What both clients take and keep; each opens its own kind of channels in _connect.
 
@@ -195,6 +208,8 @@ class ClientSettings:
     round-robin over them: the way to use every worker of a server run with --workers.
     `priority` ("online", "batch" or None: declare none, which the server takes as online)
     is sent with every predict and metadata call unless a predict call names its own.
+    `token` (a server's API key, `mnist-serve keys add`) is sent as `authorization: Bearer
+    <token>` metadata on every call, over TLS or plaintext alike.
     """
 
     def __init__(
@@ -211,9 +226,11 @@ class ClientSettings:
         connections: int = 1,
         load_balancing: str | None = None,
         priority: Priority | None = None,
+        token: str | None = None,
     ) -> None:
         check_settings(timeout, max_images_per_request, connections)
         self.priority = check_priority(priority)
+        self._authorization = authorization(token)
         self.target = target
         self.timeout = timeout
         self.max_images_per_request = max_images_per_request
@@ -244,7 +261,7 @@ class ClientSettings:
         """The call's metadata: its priority class (`priority`, else the client's), its
         request ID, and the current trace context (with OpenTelemetry), if any."""
         declared = check_priority(priority) or self.priority
-        metadata: tuple[tuple[str, str], ...] = (
+        metadata: tuple[tuple[str, str], ...] = self._authorization + (
             () if declared is None else ((PRIORITY_METADATA, declared),)
         )
         if request_id is not None:

@@ -71,6 +71,10 @@ async def serve(settings: Settings, worker: WorkerLink | None = None) -> bool:
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["keys"]:  # `mnist-serve keys add|list|remove`: manage an --auth-keys file
+        from .auth import keys_main
+
+        raise SystemExit(keys_main(argv[1:]))
     worker: WorkerLink | None = None
     if argv[:1] == [WORKER_FLAG]:
         worker, settings = WorkerLink.from_command_line(argv[1:])

@@ -23,6 +23,7 @@ from .api import http, native, tfserving, v2
 from .api.calls import CallPath
 from .api.reflection import reflection_pool
 from .api.rpc import RpcBinding
+from .auth import Authenticator, KeysFileError
 from .core import InferenceCore
 from .errors import StartupError
 from .listener import ConnectionLimits, HttpListener, metrics_application
@@ -126,6 +127,16 @@ def tls_files(settings: Settings) -> tuple[Path, Path, Path | None] | None:
     return settings.tls_cert, settings.tls_key, settings.tls_client_ca
 
 
+def authenticator(settings: Settings) -> Authenticator | None:
+    """The keys of --auth-keys (None when off); StartupError when the file is unusable."""
+    if settings.auth_keys is None:
+        return None
+    try:
+        return Authenticator(settings.auth_keys, settings.metrics_auth)
+    except KeysFileError as error:
+        raise StartupError(str(error)) from None
+
+
 class ModelServer:
     """One server process: `await start()`, then `await stop()` (or SIGTERM via __main__).
 
@@ -167,7 +178,8 @@ class ModelServer:
                 settings.access_log_queue_size,
             )
         )
-        self.calls = CallPath(self.admission, self.access_log)
+        self.auth = authenticator(settings)
+        self.calls = CallPath(self.admission, self.access_log, self.auth)
         self.health = health_aio.HealthServicer()
         shared_port = worker is not None
         try:  # each port's share of the open-file limit (see server/fds.py)
@@ -219,6 +231,7 @@ class ModelServer:
         /v2/health/ready says 503.
         """
         self.admission.open()
+        self._log_auth()
         if tracing.start(self.settings.tracing):
             logger.info("tracing on: spans exported over OTLP as the OTEL_* variables say")
         await self._say(NOT_SERVING, "", NATIVE_SERVICE)
@@ -263,9 +276,22 @@ class ModelServer:
         if settings.health_port is not None:
             await self._start_health_port(f"{settings.host}:{settings.health_port}")
         if settings.metrics_port is not None and self.worker is None:
-            self._metrics_http = HttpListener(metrics_application(), 0)
+            self._metrics_http = HttpListener(metrics_application(self.auth), 0)
             self.metrics_port = await self._metrics_http.start(settings.host, settings.metrics_port)
         await self._grpc.start()
+
+    def _log_auth(self) -> None:
+        if self.auth is None:
+            return
+        logger.info(
+            "api keys on",
+            extra={"keys": len(self.auth.names), "metrics_auth": self.settings.metrics_auth},
+        )
+        if not self.settings.tls:
+            logger.warning(
+                "api keys over plaintext: tokens cross the network readable by anyone on "
+                "the path; serve with --tls-cert/--tls-key or behind a TLS proxy"
+            )
 
     def _log_serving(self) -> None:
         logger.info(

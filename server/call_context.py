@@ -47,6 +47,14 @@ class Call:
     images: int = 0  # images the call carried (inference calls)
     model_version: int = 0  # the version that answered (inference calls)
     span: Any = None  # the call's server span, when tracing is on (server/tracing.py)
+    caller: str = "anonymous"  # the API key's name (server/auth.py), the metrics' label
+    limits: Any = None  # the key's per-process limits (auth.KeyLimits), when it has any
+
+
+def admit_images(call: Call, count: int) -> None:
+    """Charge `count` images to the caller's images/s limit (RateLimited when over it)."""
+    if call.limits is not None:
+        call.limits.take_images(count)
 
 
 _current: ContextVar[Call | None] = ContextVar("mnist_serving_call", default=None)

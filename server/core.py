@@ -13,7 +13,7 @@ from typing import Any
 
 from mnist_serving.contract import NUM_CLASSES
 
-from .call_context import current_call
+from .call_context import admit_images, current_call
 from .errors import ModelNotFound, NotReady
 from .observers import Observer
 from .runtimes.base import Prediction
@@ -74,6 +74,7 @@ class InferenceCore:
         images = decode_images(dtype, shape, content, self.settings.max_images_per_request)
         call = current_call()
         call.images, call.model_version = len(images), served.version  # the access log's
+        admit_images(call, len(images))  # the caller's images/s limit (server/auth.py)
         prediction = await served.predict(images, deadline, call.priority)
         for observer in self.observers:
             observer.observe(call, images, prediction, served.version)

@@ -60,6 +60,23 @@ class ClientGone(ServingError):
     client cancelled."""
 
 
+class Unauthenticated(ServingError):
+    """No token, or one that is not a key's (with --auth-keys)."""
+
+
+class PermissionDenied(ServingError):
+    """A key whose role does not cover the method."""
+
+
+class RateLimited(Overloaded):
+    """A key beyond its own requests/s or images/s limit: `retry_after` seconds until the
+    call would pass. Counted apart from the queue's shedding (mnist_rate_limited_total)."""
+
+    def __init__(self, message: str, retry_after: float) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
 STATUS_OF: dict[type[ServingError], grpc.StatusCode] = {
     InvalidInput: grpc.StatusCode.INVALID_ARGUMENT,
     ModelNotFound: grpc.StatusCode.NOT_FOUND,
@@ -71,6 +88,9 @@ STATUS_OF: dict[type[ServingError], grpc.StatusCode] = {
     RequestTooLarge: grpc.StatusCode.RESOURCE_EXHAUSTED,
     BodyTimeout: grpc.StatusCode.DEADLINE_EXCEEDED,
     ClientGone: grpc.StatusCode.CANCELLED,
+    Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
+    PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
+    RateLimited: grpc.StatusCode.RESOURCE_EXHAUSTED,
 }
 # The statuses TensorFlow Serving's REST API gives the same gRPC codes (KServe's agree):
 # a full queue is 429 (retry later, here), a draining server 503 (retry elsewhere). A client
@@ -86,6 +106,9 @@ HTTP_STATUS_OF: dict[type[ServingError], int] = {
     RequestTooLarge: 413,
     BodyTimeout: 408,
     ClientGone: 499,
+    Unauthenticated: 401,
+    PermissionDenied: 403,
+    RateLimited: 429,
 }
 INTERNAL_MESSAGE = "internal error; the server log has the details"
 

@@ -22,6 +22,8 @@ from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 
 from . import metrics
+from .auth import Authenticator
+from .errors import Unauthenticated
 
 
 async def metrics_page(request: web.Request) -> web.Response:
@@ -30,10 +32,31 @@ async def metrics_page(request: web.Request) -> web.Response:
     return web.Response(body=body, headers={"Content-Type": content_type})
 
 
-def metrics_application() -> web.Application:
+def guarded_metrics_page(auth: Authenticator | None) -> Handler:
+    """/metrics, open; or, with --metrics-auth, for any valid key (Prometheus sends one with
+    `authorization: {credentials_file: ...}`): 401 and a Bearer challenge without."""
+    if auth is None or not auth.metrics_auth:
+        return metrics_page
+
+    async def page(request: web.Request) -> web.Response:
+        try:
+            auth.identify(request.headers)
+        except Unauthenticated as error:
+            return web.Response(
+                body=json.dumps({"error": str(error)}).encode(),
+                status=401,
+                content_type="application/json",
+                headers={"WWW-Authenticate": 'Bearer realm="mnist-serving"'},
+            )
+        return await metrics_page(request)
+
+    return page
+
+
+def metrics_application(auth: Authenticator | None = None) -> web.Application:
     """Only /metrics: for the optional separate --metrics-port listener."""
     app = web.Application()
-    app.add_routes([web.get("/metrics", metrics_page)])
+    app.add_routes([web.get("/metrics", guarded_metrics_page(auth))])
     return app
 
 

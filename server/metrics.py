@@ -1,7 +1,8 @@
 """Every Prometheus object of the server, in one place.
 
 Names follow <namespace>_<what>_<unit>; labels stay low-cardinality (API, method, status
-code, version, class digit). Served at /metrics on the HTTP port (and, when asked, on a
+code, version, class digit, and the caller: a name from the --auth-keys file, or anonymous).
+Served at /metrics on the HTTP port (and, when asked, on a
 port of their own) through exposition().
 
 HTTP calls are counted like RPCs: `method` is the equivalent RPC's name (Predict,
@@ -57,12 +58,25 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 
 REQUESTS = Counter(
     "requests",
-    "Calls handled (RPCs and HTTP), by API, method, gRPC status code and priority class.",
-    ["api", "method", "code", "priority"], namespace=NAMESPACE,
+    "Calls handled (RPCs and HTTP), by API, method, gRPC status code, priority class and "
+    "caller (the API key's name, or anonymous).",
+    ["api", "method", "code", "priority", "caller"], namespace=NAMESPACE,
 )  # fmt: skip
 REQUEST_SECONDS = Histogram(
     "request_duration_seconds", "Time from receiving an RPC to answering it.",
-    ["api", "method", "priority"], namespace=NAMESPACE, buckets=LATENCY_BUCKETS,
+    ["api", "method", "priority", "caller"], namespace=NAMESPACE, buckets=LATENCY_BUCKETS,
+)  # fmt: skip
+AUTH_FAILURES = Counter(
+    "auth_failures",
+    "Calls refused by --auth-keys, by reason: missing (no token), unknown (not a key's), "
+    "forbidden (the key's role lacks the method), rate_limited (over the key's limit).",
+    ["reason"], namespace=NAMESPACE,
+)  # fmt: skip
+RATE_LIMITED = Counter(
+    "rate_limited",
+    "Calls refused because their key was over its own limit (requests or images per "
+    "second); apart from the queue's shedding (mnist_requests_shed_total).",
+    ["caller", "limit"], namespace=NAMESPACE,
 )  # fmt: skip
 UNDECODABLE = Counter(
     "undecodable_requests", "Requests whose bytes were not a message of the method's type.",

@@ -18,7 +18,8 @@ from .cpus import usable_cpus
 
 class Settings(BaseSettings):
     """Serve the MNIST SavedModel over gRPC and HTTP. Every flag is also an environment
-    variable: --model-dir is MNIST_SERVING_MODEL_DIR, and so on."""
+    variable: --model-dir is MNIST_SERVING_MODEL_DIR, and so on. `mnist-serve keys
+    add|list|remove` manages an --auth-keys file."""
 
     model_config = SettingsConfigDict(
         env_prefix="MNIST_SERVING_",
@@ -257,6 +258,16 @@ class Settings(BaseSettings):
         description="OpenTelemetry tracing (needs the otel extra): a span per call, exported "
         "over OTLP as the standard OTEL_* variables say (OTEL_SDK_DISABLED=true turns it off)",
     )
+    auth_keys: FilePath | None = Field(
+        None,
+        description="API keys: a JSON file of key names, roles (read, predict), SHA-256s of "
+        "their tokens and optional per-key limits (made by `mnist-serve keys add`); every "
+        "call but health then needs `Authorization: Bearer <token>`. Re-read when it changes "
+        "(off by default)",
+    )
+    metrics_auth: bool = Field(
+        False, description="with --auth-keys: /metrics needs a valid key too (any role)"
+    )
     max_connections: int = Field(
         0,
         ge=0,
@@ -315,6 +326,8 @@ class Settings(BaseSettings):
             raise ValueError("versions are positive integers")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("TLS needs both --tls-cert and --tls-key")
+        if self.metrics_auth and self.auth_keys is None:
+            raise ValueError("--metrics-auth needs --auth-keys")
         if self.tls_client_ca is not None and self.tls_cert is None:
             raise ValueError("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key")
         return self

@@ -118,6 +118,7 @@ class Supervisor:
 
     async def run(self) -> int:
         # After supervise() set the multiprocess dir: metrics objects are made at import.
+        from .auth import Authenticator, KeysFileError
         from .listener import HttpListener, metrics_application
 
         listener: HttpListener | None = None
@@ -135,7 +136,13 @@ class Supervisor:
                 shared[name] = self._held[-1].getsockname()[1]
             worker_settings = self.settings.model_copy(update=shared)
             if self.settings.metrics_port is not None:
-                listener = HttpListener(metrics_application(), 0)
+                auth = None
+                if self.settings.metrics_auth and self.settings.auth_keys is not None:
+                    try:
+                        auth = Authenticator(self.settings.auth_keys, metrics_auth=True)
+                    except KeysFileError as error:
+                        raise StartupError(str(error)) from None
+                listener = HttpListener(metrics_application(auth), 0)
                 shared["metrics_port"] = await listener.start(
                     self.settings.host, self.settings.metrics_port
                 )

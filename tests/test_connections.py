@@ -106,7 +106,7 @@ def door(tiny_model_dir: Path) -> Iterator[ServerProcess]:
 def test_a_declared_body_over_the_limit_is_refused_before_it_is_sent(door: ServerProcess) -> None:
     before = metric(
         door, "mnist_requests_total", api="tfserving_rest", code="RESOURCE_EXHAUSTED",
-        method="Predict", priority="online",
+        method="Predict", priority="online", caller="anonymous",
     )  # fmt: skip
     with connect(door) as sock:
         sock.sendall(head(length=1 << 30))  # 1 GiB declared; not a byte of it sent
@@ -115,7 +115,7 @@ def test_a_declared_body_over_the_limit_is_refused_before_it_is_sent(door: Serve
     assert "exceeds" in body["error"]
     after = metric(
         door, "mnist_requests_total", api="tfserving_rest", code="RESOURCE_EXHAUSTED",
-        method="Predict", priority="online",
+        method="Predict", priority="online", caller="anonymous",
     )  # fmt: skip
     assert after == before + 1
     assert http_ok(door)
@@ -157,7 +157,7 @@ def test_a_body_that_does_not_arrive_in_time_gets_408_and_the_connection_closes(
     def counted() -> float:
         return metric(
             door, "mnist_requests_total", api="tfserving_rest", code="DEADLINE_EXCEEDED",
-            method="Predict", priority="online",
+            method="Predict", priority="online", caller="anonymous",
         )  # fmt: skip
 
     before = counted()

@@ -10,6 +10,7 @@ Where a tool can say more (promtool, docker compose) it is run, and the test ski
 from __future__ import annotations
 
 import json
+import os
 import re
 import shlex
 import shutil
@@ -47,6 +48,7 @@ from .deploy_files import (
 )
 
 COMPOSE_FILE = REPO / "docker-compose.yml"
+COMPOSE_AUTH_FILE = REPO / "docker-compose.auth.yml"  # API keys, added with a second -f
 DOCKERIGNORE = REPO / ".dockerignore"
 PROMETHEUS_CONFIG = REPO / "deploy" / "prometheus.yml"
 LOCK_SCRIPT = REPO / "requirements" / "lock.sh"
@@ -67,8 +69,14 @@ TENSORFLOW_PACKAGES = {
 
 # The server's metrics contract: sample name stem -> (type, label names).
 METRICS: dict[str, tuple[str, frozenset[str]]] = {
-    "mnist_requests_total": ("counter", frozenset({"api", "method", "code", "priority"})),
-    "mnist_request_duration_seconds": ("histogram", frozenset({"api", "method", "priority"})),
+    "mnist_requests_total": (
+        "counter",
+        frozenset({"api", "method", "code", "priority", "caller"}),
+    ),
+    "mnist_request_duration_seconds": (
+        "histogram",
+        frozenset({"api", "method", "priority", "caller"}),
+    ),
     "mnist_batch_queue_wait_seconds": ("histogram", frozenset({"priority"})),
     "mnist_requests_shed_total": ("counter", frozenset({"priority"})),
     "mnist_model_inference_seconds": ("histogram", frozenset()),
@@ -80,6 +88,8 @@ METRICS: dict[str, tuple[str, frozenset[str]]] = {
     "mnist_model_load_seconds": ("gauge", frozenset({"version"})),
     "mnist_model_load_failures_total": ("counter", frozenset()),
     "mnist_predicted_class_total": ("counter", frozenset({"class"})),
+    "mnist_auth_failures_total": ("counter", frozenset({"reason"})),
+    "mnist_rate_limited_total": ("counter", frozenset({"caller", "limit"})),
 }
 # Labels Prometheus itself attaches to every scraped series.
 TARGET_LABELS = frozenset({"instance", "job"})
@@ -393,6 +403,7 @@ def test_dockerignore_keeps_local_state_out_of_the_context() -> None:
         ".mypy_cache/3.11/x.json",
         ".pytest_cache/v/cache",
         ".ruff_cache/x",
+        "deploy/keys.json",
     ]:
         assert dockerignored(path), f"{path} would be sent to the Docker build"
     for path in ["pyproject.toml", "README.md", "requirements/server.lock", "server/app.py"]:
@@ -609,22 +620,40 @@ def test_grafana_is_provisioned_from_the_repo(compose: dict[str, Any]) -> None:
     assert prometheus["url"] == "http://prometheus:9090"
 
 
+def test_api_keys_come_from_a_compose_secret_only_when_added(compose: dict[str, Any]) -> None:
+    """docker-compose.auth.yml turns keys on with a secret file; the base file leaves them off."""
+    settings = import_or_skip("mnist_serving.server.settings")
+    assert "MNIST_SERVING_AUTH_KEYS" not in environment(service(compose, "server"))
+    auth = interpolate(load_yaml(COMPOSE_AUTH_FILE))
+    server = auth["services"]["server"]
+    [secret] = server["secrets"]
+    path = environment(server)["MNIST_SERVING_AUTH_KEYS"]
+    assert path == f"/run/secrets/{secret['target']}"  # where compose mounts a secret
+    assert "auth_keys" in settings.Settings.model_fields  # the variable is a real setting
+    assert auth["secrets"][secret["source"]]["file"] == "./deploy/keys.json"
+    assert dockerignored("deploy/keys.json")
+    assert set(auth["services"]) <= set(compose["services"])  # it overrides, adds no service
+
+
 def test_compose_file_validates() -> None:
-    """`docker compose config` checks the file against the Compose schema, no engine needed."""
+    """`docker compose config` checks the file against the Compose schema, no engine needed
+    (the base file alone, and with the API keys file over it)."""
     for argv in (["docker", "compose"], ["docker-compose"]):
         if shutil.which(argv[0]) is None:
             continue
         probe = subprocess.run([*argv, "version"], capture_output=True, text=True, check=False)
         if probe.returncode != 0:
             continue
-        result = subprocess.run(
-            [*argv, "--profile", "tools", "-f", str(COMPOSE_FILE), "config", "--quiet"],
-            capture_output=True,
-            text=True,
-            check=False,
-            cwd=REPO,
-        )
-        assert result.returncode == 0, result.stderr
+        for files in ([COMPOSE_FILE], [COMPOSE_FILE, COMPOSE_AUTH_FILE]):
+            result = subprocess.run(
+                [*argv, "--profile", "tools", *(f"-f={f}" for f in files), "config", "--quiet"],
+                capture_output=True,
+                text=True,
+                check=False,
+                cwd=REPO,
+                env={**os.environ, "MNIST_KEYS_FILE": str(COMPOSE_FILE)},  # any existing file
+            )
+            assert result.returncode == 0, result.stderr
         return
     pytest.skip("neither `docker compose` nor `docker-compose` is installed")
 

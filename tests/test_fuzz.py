@@ -394,6 +394,7 @@ def test_tf_serving_methods_this_server_lacks_are_counted_unimplemented(
         "mnist_requests_total",
         (
             ("api", "tfserving"),
+            ("caller", "anonymous"),
             ("code", "UNIMPLEMENTED"),
             ("method", "Classify"),
             ("priority", "online"),

@@ -363,7 +363,13 @@ def test_metrics_are_on_the_http_port_and_count_http_calls(served_tiny: ServerPr
     assert headers["Content-Type"].startswith("text/plain; version=")
 
     def key(api: str, method: str, code: str) -> tuple[str, tuple[tuple[str, str], ...]]:
-        labels = (("api", api), ("code", code), ("method", method), ("priority", "online"))
+        labels = (
+            ("api", api),
+            ("caller", "anonymous"),
+            ("code", code),
+            ("method", method),
+            ("priority", "online"),
+        )
         return ("mnist_requests_total", labels)
 
     wanted = [
@@ -384,7 +390,12 @@ def test_metrics_are_on_the_http_port_and_count_http_calls(served_tiny: ServerPr
         assert after[sample] == before.get(sample, 0.0) + 1, sample
     seconds = (
         "mnist_request_duration_seconds_count",
-        (("api", "v2_rest"), ("method", "ModelInfer"), ("priority", "online")),
+        (
+            ("api", "v2_rest"),
+            ("caller", "anonymous"),
+            ("method", "ModelInfer"),
+            ("priority", "online"),
+        ),
     )
     assert after[seconds] == before.get(seconds, 0.0) + 1
 

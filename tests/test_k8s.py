@@ -51,9 +51,10 @@ OVERLAYS = {
     "tls": K8S / "overlays" / "tls",
     "mtls": K8S / "overlays" / "mtls",
     "kserve": K8S / "overlays" / "kserve",
+    "auth": K8S / "overlays" / "auth",
 }
 # The overlays that run the base's server Deployment (kserve lets KServe run it).
-DEPLOYMENT_OVERLAYS = ("base", "tls", "mtls")
+DEPLOYMENT_OVERLAYS = ("base", "tls", "mtls", "auth")
 SCHEMAS = REPO / "tests" / "schemas"
 CUSTOM_SCHEMAS = {
     ("serving.kserve.io/v1alpha1", "ServingRuntime"): "servingruntime.schema.yaml",
@@ -243,7 +244,7 @@ EXPECTED_KINDS = {
         "ConfigMap",
     },
 }  # fmt: skip
-EXPECTED_KINDS["tls"] = EXPECTED_KINDS["mtls"] = EXPECTED_KINDS["base"]
+EXPECTED_KINDS["tls"] = EXPECTED_KINDS["mtls"] = EXPECTED_KINDS["auth"] = EXPECTED_KINDS["base"]
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -344,11 +345,12 @@ def test_server_flag_values_are_valid_settings(overlay: str) -> None:
     settings = import_or_skip("mnist_serving.server.settings")
     container = server_container(pod_spec(render(overlay), overlay))
     known = settings.Settings.model_fields
-    # The TLS files exist only in the pod, and --health-port goes with them.
+    # The TLS and keys files exist only in the pod, and --health-port goes with TLS.
     values = {
         field_name(flag): value
         for flag, value in flags(container).items()
-        if field_name(flag) in known and not flag.startswith(("--tls-", "--health-port"))
+        if field_name(flag) in known
+        and not flag.startswith(("--tls-", "--health-port", "--auth-keys"))
     }
     assert values, "no flag the server knows"
     settings.Settings(**values)
@@ -718,6 +720,7 @@ TLS_DIR_KEYS = {"--tls-cert": "tls.crt", "--tls-key": "tls.key", "--tls-client-c
         ("base", set()),
         ("tls", {"--tls-cert", "--tls-key"}),
         ("mtls", {"--tls-cert", "--tls-key", "--tls-client-ca"}),
+        ("auth", {"--tls-cert", "--tls-key"}),
     ],
 )
 def test_tls_files_come_from_the_secret(overlay: str, expected: set[str]) -> None:
@@ -729,13 +732,37 @@ def test_tls_files_come_from_the_secret(overlay: str, expected: set[str]) -> Non
         assert "--health-port" not in server_flags
         return
     assert "--health-port" in server_flags, "probes need the plaintext health port"
-    [volume] = [v for v in spec["volumes"] if "secret" in v]
-    assert volume["secret"]["secretName"] == "mnist-serving-tls"
+    [volume] = [
+        v for v in spec["volumes"] if v.get("secret", {}).get("secretName") == "mnist-serving-tls"
+    ]
     mount = mount_of(container, volume["name"])
     assert mount["readOnly"] is True
     for flag in expected:
         # The key names of a kubernetes.io/tls Secret (and cert-manager's ca.crt).
         assert server_flags[flag] == f"{mount['mountPath']}/{TLS_DIR_KEYS[flag]}", flag
+
+
+@pytest.mark.parametrize("overlay", DEPLOYMENT_OVERLAYS)
+def test_api_keys_come_from_their_secret_only_where_turned_on(overlay: str) -> None:
+    """Off by default; overlays/auth (components/auth) mounts the keys Secret as a folder
+    (never subPath, which would not see a rotated Secret) and points --auth-keys into it."""
+    spec = pod_spec(render(overlay), overlay)
+    container = server_container(spec)
+    server_flags = flags(container)
+    keys = [
+        v for v in spec["volumes"] if v.get("secret", {}).get("secretName") == "mnist-serving-keys"
+    ]
+    if overlay != "auth":
+        assert "--auth-keys" not in server_flags
+        assert not keys
+        return
+    [volume] = keys
+    mount = mount_of(container, volume["name"])
+    assert mount["readOnly"] is True
+    assert "subPath" not in mount
+    assert server_flags["--auth-keys"] == f"{mount['mountPath']}/keys.json"
+    assert "--tls-cert" in server_flags, "tokens must not cross the network in plaintext"
+    assert "--metrics-auth" not in server_flags  # Prometheus scrapes without a key
 
 
 @pytest.mark.parametrize("overlay", DEPLOYMENT_OVERLAYS)

@@ -56,13 +56,19 @@ def test_calls_move_the_counters_and_histograms_by_what_was_sent(
     def delta(metric: str, **labels: str) -> float:
         return value(after, metric, **labels) - value(before, metric, **labels)
 
-    ok = {"api": "native", "method": "Predict", "code": "OK", "priority": "online"}
+    ok = {
+        "api": "native",
+        "method": "Predict",
+        "code": "OK",
+        "priority": "online",
+        "caller": "anonymous",
+    }
     assert delta("mnist_requests_total", **ok) == 3
     assert delta("mnist_requests_total", **{**ok, "code": "INVALID_ARGUMENT"}) == 1
     assert (
         delta(
             "mnist_request_duration_seconds_count",
-            api="native", method="Predict", priority="online",
+            api="native", method="Predict", priority="online", caller="anonymous",
         )
         == 4
     )  # fmt: skip
@@ -206,10 +212,10 @@ import os, sys
 import numpy as np
 from mnist_serving.server import metrics
 n = int(sys.argv[1])
-metrics.REQUESTS.labels("native", "Predict", "OK", "online").inc(n)
-metrics.REQUESTS.labels("v2", "ModelInfer", "INVALID_ARGUMENT", "online").inc(1)
+metrics.REQUESTS.labels("native", "Predict", "OK", "online", "anonymous").inc(n)
+metrics.REQUESTS.labels("v2", "ModelInfer", "INVALID_ARGUMENT", "online", "anonymous").inc(1)
 for seconds in (0.0002, 0.003, 0.3)[:n]:
-    metrics.REQUEST_SECONDS.labels("native", "Predict", "online").observe(seconds)
+    metrics.REQUEST_SECONDS.labels("native", "Predict", "online", "anonymous").observe(seconds)
 metrics.count_classes(np.arange(n) % 10)
 metrics.IN_FLIGHT.inc(n)
 print(os.getpid())
@@ -244,7 +250,8 @@ def test_a_dead_workers_counts_are_folded_into_the_archive_and_its_files_removed
     monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
     first, second = worker(2), worker(3)
     before = kept_series(metrics.exposition()[0])
-    assert before[("mnist_requests_total", (("api", "native"), ("code", "OK"),
+    assert before[("mnist_requests_total", (("api", "native"), ("caller", "anonymous"),
+                                            ("code", "OK"),
                                             ("method", "Predict"),
                                             ("priority", "online")))] == 5  # fmt: skip
     metrics.process_gone(first)
@@ -263,13 +270,19 @@ def test_a_dead_workers_counts_are_folded_into_the_archive_and_its_files_removed
     after = kept_series(metrics.exposition()[0])
     key = (
         "mnist_requests_total",
-        (("api", "native"), ("code", "OK"), ("method", "Predict"), ("priority", "online")),
+        (
+            ("api", "native"),
+            ("caller", "anonymous"),
+            ("code", "OK"),
+            ("method", "Predict"),
+            ("priority", "online"),
+        ),
     )
     assert after[key] == 6
     metrics.process_gone(third)
     assert kept_series(metrics.exposition()[0]) == after
     count = (
         "mnist_request_duration_seconds_count",
-        (("api", "native"), ("method", "Predict"), ("priority", "online")),
+        (("api", "native"), ("caller", "anonymous"), ("method", "Predict"), ("priority", "online")),
     )
     assert after[count] == 2 + 3 + 1

@@ -78,6 +78,13 @@ def test_the_document_is_openapi_3_1_and_covers_the_http_port() -> None:
     assert "application/octet-stream" in infer["requestBody"]["content"]
     assert "application/octet-stream" in infer["responses"]["200"]["content"]
     assert {"400", "404", "413", "429", "500", "503", "504"} <= set(infer["responses"])
+    # API keys: bearer tokens, optional (auth is off by default), never on health routes.
+    assert document["components"]["securitySchemes"]["bearerAuth"]["scheme"] == "bearer"
+    assert {"401", "403", "429"} <= set(infer["responses"])
+    assert infer["security"] == [{"bearerAuth": []}, {}]
+    for health in ("/v2/health/live", "/v2/health/ready"):
+        assert paths[health]["get"]["security"] == []
+        assert "401" not in paths[health]["get"]["responses"]
 
 
 def test_the_server_serves_the_document(served_tiny: ServerProcess) -> None:

@@ -613,3 +613,37 @@ def test_to_parquet_writes_the_readmes_shards(
     assert main(["to-parquet", "--input", str(tmp_path / "m.npz"), "--output",
                  str(tmp_path / "x"), "--splits", "valid"]) == 2  # fmt: skip
     assert "no x_valid" in capsys.readouterr().err
+
+
+def test_the_actors_send_the_token_without_the_file(
+    ray_address: str,
+    tiny_model_dir: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """--token-file is read by the driver alone; the actors get the token's value in their
+    settings (a cluster's workers need no file). MNIST_TOKEN works the same."""
+    from mnist_serving.server.auth import keys_main
+
+    keys = tmp_path / "keys.json"
+    assert keys_main(["add", "ray-job", "--role", "predict", "--file", str(keys)]) == 0
+    token = capsys.readouterr().out.strip().splitlines()[-1]
+    token_file = tmp_path / "token"
+    token_file.write_text(token)
+    np.save(tmp_path / "a.npy", np.zeros((30, 28, 28), np.uint8))
+    monkeypatch.delenv("MNIST_TOKEN", raising=False)
+    with ServerProcess(tiny_model_dir, "--poll-interval", "0", "--auth-keys", str(keys)) as server:
+        base = ["score", "--engine", "ray", "--target", server.target, "--no-progress",
+                "--batch-size", "10", "--input", str(tmp_path / "a.npy"), "--output"]  # fmt: skip
+        assert main([*base, str(tmp_path / "anonymous")]) == 1
+        assert "UNAUTHENTICATED" in capsys.readouterr().err
+        assert main([*base, str(tmp_path / "out"), "--token-file", str(token_file)]) == 0
+        token_file.unlink()  # from here on only the environment has it
+        monkeypatch.setenv("MNIST_TOKEN", token)
+        assert main([*base, str(tmp_path / "again")]) == 0
+        ok = ("mnist_requests_total", (("api", "native"), ("caller", "ray-job"), ("code", "OK"),
+                                       ("method", "Predict"), ("priority", "batch")))  # fmt: skip
+        # Two jobs of 3 calls each, and each driver's probe call.
+        assert server.scrape()[ok] >= 6
+    assert token not in server.log

@@ -470,7 +470,13 @@ def test_other_tf_serving_rpcs_are_unimplemented(
 
 
 def requests_total(samples: dict[Any, float], api: str, method: str, code: str) -> float:
-    labels = (("api", api), ("code", code), ("method", method), ("priority", "online"))
+    labels = (
+        ("api", api),
+        ("caller", "anonymous"),
+        ("code", code),
+        ("method", method),
+        ("priority", "online"),
+    )
     return samples.get(("mnist_requests_total", labels), 0.0)
 
 
@@ -496,7 +502,12 @@ def test_calls_are_counted_in_the_same_metrics_labelled_tfserving(
     assert after[images] - before.get(images, 0.0) == 8
     duration = (
         "mnist_request_duration_seconds_count",
-        (("api", "tfserving"), ("method", "Predict"), ("priority", "online")),
+        (
+            ("api", "tfserving"),
+            ("caller", "anonymous"),
+            ("method", "Predict"),
+            ("priority", "online"),
+        ),
     )
     assert after[duration] - before.get(duration, 0.0) == 4
 

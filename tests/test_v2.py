@@ -171,6 +171,7 @@ def test_methods_not_served_answer_unimplemented_and_are_counted(
         "mnist_requests_total",
         (
             ("api", "v2"),
+            ("caller", "anonymous"),
             ("code", "UNIMPLEMENTED"),
             ("method", "ModelConfig"),
             ("priority", "online"),
@@ -188,7 +189,13 @@ def test_calls_are_counted_under_api_v2(
 ) -> None:
     key = (
         "mnist_requests_total",
-        (("api", "v2"), ("code", "OK"), ("method", "ModelInfer"), ("priority", "online")),
+        (
+            ("api", "v2"),
+            ("caller", "anonymous"),
+            ("code", "OK"),
+            ("method", "ModelInfer"),
+            ("priority", "online"),
+        ),
     )
     before = scrape(served_tiny).get(key, 0.0)
     client.infer("mnist", [infer_input(pixels(2))])

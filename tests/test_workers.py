@@ -176,9 +176,15 @@ def test_metrics_count_the_calls_of_every_worker_exactly(two_workers: ServerProc
         return value(after, metric, **labels) - value(before, metric, **labels)
 
     calls = 5 * WORKERS
-    ok = {"api": "native", "method": "Predict", "code": "OK", "priority": "online"}
+    ok = {
+        "api": "native",
+        "method": "Predict",
+        "code": "OK",
+        "priority": "online",
+        "caller": "anonymous",
+    }
     assert delta("mnist_requests_total", **ok) == calls
-    seconds = {"api": "native", "method": "Predict", "priority": "online"}
+    seconds = {"api": "native", "method": "Predict", "priority": "online", "caller": "anonymous"}
     assert delta("mnist_request_duration_seconds_count", **seconds) == calls
     assert delta("mnist_images_predicted_total") == 3 * calls
     assert delta("mnist_batch_size_images_sum") == 3 * calls
@@ -300,7 +306,7 @@ def test_a_killed_worker_is_replaced_and_no_call_fails(tiny_model_dir: Path) -> 
         # The dead worker's answers are still in the sum (they came from the archive).
         ok = value(
             samples, "mnist_requests_total",
-            api="native", method="Predict", code="OK", priority="online",
+            api="native", method="Predict", code="OK", priority="online", caller="anonymous",
         )  # fmt: skip
         assert ok >= answered[0]
     finally:

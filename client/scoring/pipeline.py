@@ -162,6 +162,8 @@ class JobSettings:
     # Write each row's request ID and its position in that call (request_id, request_index),
     # so that the job's true labels can be sent back as feedback.
     request_ids: bool = False
+    # The server's API key (mnist-serve --auth-keys), sent with every call; kept out of repr.
+    token: str | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.concurrency < 1:
@@ -188,6 +190,7 @@ def _open_client(settings: JobSettings, batch_size: int) -> AsyncMnistClient:
         retry=settings.retry,
         connections=settings.connections,
         priority=settings.priority,
+        token=settings.token,
     )
 
 
@@ -358,6 +361,7 @@ async def score_async(
     credentials: grpc.ChannelCredentials | None = None,
     retry: RetryPolicy = DEFAULT_RETRY,
     priority: Priority | None = BATCH,
+    token: str | None = None,
 ) -> ScoreStats:
     """Score `images` through the server at `target`; see `score`."""
     source = ArraySource("images", images)
@@ -370,6 +374,7 @@ async def score_async(
         credentials,
         retry,
         priority=priority,
+        token=token,
     )
     probabilities = np.full((len(source), NUM_CLASSES), np.nan, np.float32)
     classes = np.full(len(source), -1, np.int64)
@@ -403,7 +408,7 @@ def score(
     `batch_size` images in flight; failed batches are listed in `failed_ranges`, their
     rows are -1 in `classes` and NaN in `probabilities`. Timing covers the RPCs only
     (not channel set-up). Options: model_version, timeout, credentials, retry, priority
-    (the calls' class, "batch" unless told)."""
+    (the calls' class, "batch" unless told), token (the server's API key)."""
     return asyncio.run(
         score_async(target, images, batch_size=batch_size, concurrency=concurrency, **options)
     )

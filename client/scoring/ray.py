@@ -89,6 +89,9 @@ class RayJobSettings:
     progress: bool = True  # Ray Data's progress bars
     priority: Priority | None = BATCH  # the class every call declares (see JobSettings)
     request_ids: bool = False  # columns request_id, request_index (see JobSettings)
+    # The server's API key: its value travels to every actor with the job's settings (no
+    # token file needed on the workers); kept out of repr, so out of logs and tracebacks.
+    token: str | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         check_priority(self.priority)
@@ -224,6 +227,7 @@ def run_ray_job(
             priority=settings.priority,
             trace_context=trace_metadata(),
             request_ids=settings.request_ids,
+            token=settings.token,
         )
         outcomes, actors = _run_on_ray(settings, worker, todo)
     elapsed = time.perf_counter() - started
@@ -326,6 +330,7 @@ def _client(
         retry=settings.retry,
         load_balancing="round_robin" if target.startswith("dns:") else None,
         priority=settings.priority,
+        token=settings.token,
     )
 
 
@@ -461,6 +466,7 @@ class WorkerSettings:
     # The driver's trace context (OpenTelemetry): the actors' calls join the driver's trace.
     trace_context: tuple[tuple[str, str], ...] = ()
     request_ids: bool = False
+    token: str | None = field(default=None, repr=False)  # the server's API key
 
 
 class RoundRobin:

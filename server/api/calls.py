@@ -11,6 +11,8 @@ around it:
   a domain error (errors.py's tables), was cut, or was cancelled by its caller;
 - the call's priority class (call_context.py), declared in the transport's way and made
   current for the layers below, which schedule by it; the metrics carry it as a label;
+- the caller (server/auth.py, with --auth-keys): its key checked against the method's role
+  and its own rate limits before the work; its name labels the metrics and the access log;
 - the request ID (the caller's, or a new one), made current so that every log line about
   the call carries it; the binding returns it in its transport's way;
 - the server span (server/tracing.py, when tracing is on), its parent the caller's trace
@@ -20,7 +22,7 @@ around it:
 It returns the work's result, or a `Failure` that the binding answers in its own way (gRPC:
 abort with the code; HTTP: a JSON error body with the status). A binding keeps only what is
 its own: decoding bytes, aborting, writing the error body. Concerns that apply to every
-call (priority, caller identity, request IDs, traces, the access log) are added here.
+call (priority, caller identity, request IDs, traces, the access log) live here.
 """
 
 from __future__ import annotations
@@ -37,8 +39,9 @@ import grpc
 from .. import call_context, metrics, tracing
 from ..access_log import AccessLog, Record
 from ..admission import CUT, Admission
+from ..auth import ANONYMOUS, Authenticator, Role, needed_role
 from ..call_context import PRIORITIES, Call
-from ..errors import ShuttingDown, http_status, status_of
+from ..errors import RateLimited, ShuttingDown, http_status, status_of
 
 T = TypeVar("T")
 OK = grpc.StatusCode.OK
@@ -52,17 +55,30 @@ class Failure:
     code: grpc.StatusCode
     http_status: int
     message: str
+    retry_after: float | None = None  # seconds: a key over its rate limit (auth.py)
 
     @classmethod
     def of(cls, error: BaseException) -> Failure:
         code, message = status_of(error)  # logs an unexpected error with its trace
-        return cls(code, http_status(error), message)
+        retry_after = error.retry_after if isinstance(error, RateLimited) else None
+        return cls(code, http_status(error), message, retry_after)
 
 
 class MethodStats:
-    """The metric series of one (api, method), bound once instead of on every call."""
+    """The metric series of one (api, method), bound once instead of on every call: per
+    priority class for anonymous callers, and per (class, caller) as callers appear (their
+    number bounded by the keys file's names)."""
 
-    __slots__ = ("_answered", "_seconds", "api", "http", "method", "span_attributes", "span_name")
+    __slots__ = (
+        "_answered",
+        "_seconds",
+        "api",
+        "http",
+        "method",
+        "needs",
+        "span_attributes",
+        "span_name",
+    )
 
     def __init__(
         self,
@@ -79,24 +95,47 @@ class MethodStats:
         # The server span's name and the attributes every call of the method shares.
         self.span_name = span_name or f"{api}/{method}"
         self.span_attributes = dict(span_attributes or {})
-        self._seconds = {p: metrics.REQUEST_SECONDS.labels(api, method, p) for p in PRIORITIES}
-        # The common case, for each class: answered OK.
-        self._answered = {p: metrics.REQUESTS.labels(api, method, OK.name, p) for p in PRIORITIES}
+        self.needs: Role | None = needed_role(method)  # with --auth-keys; None: open
+        self._seconds: dict[tuple[str, str], Any] = {}
+        self._answered: dict[tuple[str, str], Any] = {}  # the common case: answered OK
+        for priority in PRIORITIES:
+            self._bind(priority, ANONYMOUS)
+
+    def _bind(self, priority: str, caller: str) -> tuple[Any, Any]:
+        key = (priority, caller)
+        seconds = self._seconds[key] = metrics.REQUEST_SECONDS.labels(
+            self.api, self.method, priority, caller
+        )
+        answered = self._answered[key] = metrics.REQUESTS.labels(
+            self.api, self.method, OK.name, priority, caller
+        )
+        return seconds, answered
 
     def record(self, call: Call, seconds: float) -> None:
-        self._seconds[call.priority].observe(seconds)
+        key = (call.priority, call.caller)
+        timer = self._seconds.get(key)
+        answered = self._answered.get(key)
+        if timer is None or answered is None:
+            timer, answered = self._bind(*key)
+        timer.observe(seconds)
         code = call.code
         (
-            self._answered[call.priority]
+            answered
             if code is OK
-            else metrics.REQUESTS.labels(self.api, self.method, code.name, call.priority)
+            else metrics.REQUESTS.labels(self.api, self.method, code.name, *key)
         ).inc()
 
 
 class CallPath:
-    def __init__(self, admission: Admission, access_log: AccessLog | None = None) -> None:
+    def __init__(
+        self,
+        admission: Admission,
+        access_log: AccessLog | None = None,
+        auth: Authenticator | None = None,
+    ) -> None:
         self.admission = admission
         self.access_log = access_log
+        self.auth = auth  # --auth-keys: every method but health needs a key
 
     def method(self, api: str, method: str, **options: Any) -> MethodStats:
         """`options`: MethodStats' http, span_name and span_attributes."""
@@ -138,6 +177,8 @@ class CallPath:
         metrics.IN_FLIGHT.inc()
         try:
             task = admission.enter()  # ShuttingDown once the server stops admitting
+            if self.auth is not None and stats.needs is not None:
+                self.auth.check(stats.needs, carrier, call)
             if priority is not None:
                 call.priority = call_context.priority_named(priority)
             outcome = await work(call)
@@ -187,7 +228,7 @@ class CallPath:
             Record(
                 time=time.time() - seconds,
                 request_id=call.request_id,
-                caller=getattr(call, "caller", "anonymous"),
+                caller=call.caller,
                 api=stats.api,
                 method=stats.method,
                 status=call.code.name,

@@ -14,9 +14,10 @@ from aiohttp import web
 from aiohttp.typedefs import Middleware
 
 from .. import metrics
+from ..auth import ANONYMOUS
 from ..call_context import ONLINE
 from ..core import InferenceCore
-from ..listener import metrics_page
+from ..listener import guarded_metrics_page
 from ..settings import Settings
 from . import cors, openapi, rest, tfserving_rest, ui, v2_rest
 from .calls import CallPath
@@ -35,7 +36,7 @@ async def json_router_errors(request: web.Request, handler: rest.Handler) -> web
         if error.status < 400:
             raise
         code = ROUTER_CODES.get(error.status, grpc.StatusCode.INVALID_ARGUMENT)
-        metrics.REQUESTS.labels("http", "unrouted", code.name, ONLINE).inc()
+        metrics.REQUESTS.labels("http", "unrouted", code.name, ONLINE, ANONYMOUS).inc()
         message = f"{request.method} {request.path}: {error.reason}"
         if error.status == 404:
             message += "; the APIs are under /v1/models/ (TF Serving) and /v2/ (KServe v2)"
@@ -65,7 +66,7 @@ def application(
         [
             *tfserving_rest.routes(core, binding),
             *v2_rest.routes(core, binding),
-            web.get("/metrics", metrics_page),
+            web.get("/metrics", guarded_metrics_page(path.auth)),
             *openapi.routes(),
         ]
     )

@@ -31,9 +31,12 @@ from ..errors import (
     ModelNotFound,
     NotReady,
     Overloaded,
+    PermissionDenied,
+    RateLimited,
     RequestTooLarge,
     ServingError,
     ShuttingDown,
+    Unauthenticated,
 )
 from . import rest
 from . import v2_codec as codec
@@ -55,6 +58,26 @@ MEANING: dict[type[ServingError], str] = {
     ShuttingDown: "the server is draining: retry, another replica will answer",
     NotReady: "no model version is loaded yet (the first load is still running)",
     RequestTooLarge: "the body exceeds the size limit (64 MiB): split the batch",
+    Unauthenticated: "with API keys on (--auth-keys): no bearer token, or not a valid one "
+    "(with a WWW-Authenticate: Bearer challenge)",
+    PermissionDenied: "with API keys on: the key's role does not cover this call (a read "
+    "key calling predict or infer)",
+    RateLimited: "with API keys on: the key is over its own requests or images per second; "
+    "the Retry-After header says when to retry",
+}
+# With --auth-keys every operation but the health ones needs a key (api/calls.py, auth.py).
+KEYED = (Unauthenticated, PermissionDenied, RateLimited)
+BEARER = "bearerAuth"
+# Either a key, or none where the server runs without --auth-keys (the default).
+SECURITY: list[dict[str, list[str]]] = [{BEARER: []}, {}]
+SECURITY_SCHEMES = {
+    BEARER: {
+        "type": "http",
+        "scheme": "bearer",
+        "description": "An API key's token (`mnist-serve keys add`), needed when the server "
+        "runs with --auth-keys: `Authorization: Bearer <token>`. Health routes never need one; "
+        "/metrics only with --metrics-auth.",
+    }
 }
 # Every counted call passes admission, so any of them can meet a draining server.
 ALWAYS = (ShuttingDown,)
@@ -102,10 +125,17 @@ def operation(
     parameters: list[Schema] | None = None,
     body: dict[str, Any] | None = None,
     description: str | None = None,
+    keyed: bool = True,
 ) -> dict[str, Any]:
+    """One operation; `keyed`: it needs an API key when the server runs with --auth-keys."""
     result: dict[str, Any] = {"tags": [tag], "operationId": operation_id, "summary": summary}
     if description:
         result["description"] = description
+    if keyed:
+        result["security"] = SECURITY
+        errors = (*errors, *KEYED)
+    else:
+        result["security"] = []  # open to probes whatever the server's settings
     if parameters:
         result["parameters"] = parameters
     if body:
@@ -648,6 +678,7 @@ def v2_paths() -> dict[str, Any]:
                 "Liveness: the process answers",
                 {"200": {"description": "Live", "content": json_content(ref("Live"))}},
                 ALWAYS,
+                keyed=False,
             )
         },
         "/v2/health/ready": {
@@ -663,6 +694,7 @@ def v2_paths() -> dict[str, Any]:
                     },
                 },
                 (),
+                keyed=False,
             )
         },
         "/v2": {
@@ -741,7 +773,8 @@ def document() -> dict[str, Any]:
             "description": "One model, two REST APIs on one port, beside gRPC. Errors are "
             'JSON bodies {"error": "..."}, with the HTTP status that the gRPC API\'s code '
             f"maps to. Predict and infer calls take a time budget in the {rest.TIMEOUT_HEADER} "
-            "header.",
+            "header. A server run with --auth-keys wants an API key on every call but the "
+            "health routes: `Authorization: Bearer <token>`.",
             "license": {"name": "Apache-2.0", "identifier": "Apache-2.0"},
         },
         "tags": [
@@ -762,16 +795,23 @@ def document() -> dict[str, Any]:
                     "tags": ["Metrics"],
                     "operationId": "metrics",
                     "summary": "Prometheus metrics, in the text exposition format",
+                    "description": "Open, unless the server runs with --metrics-auth: then "
+                    "any valid API key",
+                    "security": SECURITY,
                     "responses": {
                         "200": {
                             "description": "The metrics of the whole server",
                             "content": {TEXT: {"schema": {"type": "string"}}},
-                        }
+                        },
+                        "401": {
+                            "description": "With --metrics-auth: no valid bearer token",
+                            "content": json_content(ref("Error")),
+                        },
                     },
                 }
             },
         },
-        "components": {"schemas": schemas()},
+        "components": {"schemas": schemas(), "securitySchemes": SECURITY_SCHEMES},
     }
 
 

@@ -22,7 +22,14 @@ from aiohttp import web
 
 from .. import tracing
 from ..call_context import PRIORITY_HEADER, REQUEST_ID_HEADER, Call, request_id_of
-from ..errors import HTTP_STATUS_OF, BodyTimeout, ClientGone, InvalidInput, RequestTooLarge
+from ..errors import (
+    HTTP_STATUS_OF,
+    BodyTimeout,
+    ClientGone,
+    InvalidInput,
+    RequestTooLarge,
+    Unauthenticated,
+)
 from ..logs import RateLimitedLog
 from .calls import CallPath, Failure
 
@@ -79,6 +86,7 @@ class RestBinding:
             if isinstance(outcome, Failure):
                 response = error_response(outcome.http_status, outcome.message)
                 response.headers[REQUEST_ID_HEADER] = request_id
+                add_auth_headers(response, outcome)
                 if outcome.http_status in UNREAD_BODY_STATUSES:
                     return await answer_and_close(request, response)
                 return response
@@ -87,6 +95,14 @@ class RestBinding:
             return outcome
 
         return handle
+
+
+def add_auth_headers(response: web.StreamResponse, failure: Failure) -> None:
+    """RFC 6750's challenge on a 401, and when to retry on a key's rate limit."""
+    if failure.http_status == HTTP_STATUS_OF[Unauthenticated]:
+        response.headers["WWW-Authenticate"] = 'Bearer realm="mnist-serving"'
+    if failure.retry_after is not None:
+        response.headers["Retry-After"] = str(max(1, math.ceil(failure.retry_after)))
 
 
 def _attributes(request: web.Request) -> dict[str, str | int]:

@@ -14,6 +14,7 @@ raising domain errors, never calling context.abort themselves.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeAlias
 
@@ -42,6 +43,12 @@ CUT_SHORT = " ... (cut short)"
 # A cancellation this close to the call's deadline is counted as the deadline: see
 # cancelled_status.
 DEADLINE_SLACK = 1.0
+# With RESOURCE_EXHAUSTED from a key's rate limit: when to retry, in milliseconds; and
+# gRPC's own pushback (gRFC A6), which clients with a retry policy obey: retry after that
+# long when it is short, else (-1) do not retry and let the caller see the hint.
+RETRY_AFTER_METADATA = "retry-after-ms"
+PUSHBACK_METADATA = "grpc-retry-pushback-ms"
+MAX_PUSHBACK_MS = 1000
 
 
 class RpcBinding:
@@ -121,6 +128,10 @@ class RpcBinding:
             )
             if not isinstance(outcome, Failure):
                 return outcome
+            if outcome.retry_after is not None:  # a key over its own rate limit
+                context.set_trailing_metadata(
+                    ((REQUEST_ID_METADATA, request_id), *retry_hint(outcome.retry_after))
+                )
             message = outcome.message
             if len(message) > MAX_DETAILS:
                 message = message[: MAX_DETAILS - len(CUT_SHORT)] + CUT_SHORT
@@ -133,6 +144,12 @@ class RpcBinding:
         """Count a request that is not a message; log it at most once per interval."""
         metrics.UNDECODABLE.labels(api, method).inc()
         self._undecodable_log.warning("undecodable request", api=api, method=method)
+
+
+def retry_hint(seconds: float) -> tuple[tuple[str, str], ...]:
+    milliseconds = math.ceil(seconds * 1000)
+    pushback = milliseconds if milliseconds <= MAX_PUSHBACK_MS else -1
+    return ((RETRY_AFTER_METADATA, str(milliseconds)), (PUSHBACK_METADATA, str(pushback)))
 
 
 def _serialize(response: Message) -> bytes:
