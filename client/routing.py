@@ -12,7 +12,7 @@ routes each call with a `Router`:
 - UNAVAILABLE (after the channel's own retries), an attempt's deadline and
   RESOURCE_EXHAUSTED send the call to the next target; any other error is the answer.
   A target that failed with UNAVAILABLE or a deadline is "suspect" for 1 s, doubling on
-  each further failure up to 30 s: calls go to the others meanwhile, then one is tried
+  each further failure up to 10 s: calls go to the others meanwhile, then one is tried
   there again. Its first answer clears it.
 
 Predict is idempotent, so sending a call again elsewhere is safe; the caller gets exactly
@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from .errors import DeadlineExceeded, MnistError, Overloaded, Unavailable
 
 FIRST_COOLDOWN = 1.0  # seconds a target that just failed is passed over
-MAX_COOLDOWN = 30.0
+MAX_COOLDOWN = 10.0
 # Errors after which a call is sent to another target (the request is idempotent).
 ELSEWHERE: tuple[type[MnistError], ...] = (Unavailable, DeadlineExceeded, Overloaded)
 # Errors after which the target is passed over for a while.
