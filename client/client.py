@@ -328,12 +328,12 @@ class MnistClient(ClientSettings):
         until one answers; raises the last error."""
         error: MnistError | None = None
         for planned in self._router.attempts(self._timeout(timeout)):
-            self._router.started(planned.index)
+            started = self._router.started(planned.index)
             try:
                 result = attempt(planned.index, planned.timeout)
             except grpc.RpcError as rpc_error:
                 error = from_rpc_error(rpc_error)
-                if self._router.finished(planned.index, error) and not planned.last:
+                if self._router.finished(planned.index, started, error) and not planned.last:
                     logger.debug(
                         "%s: %s; trying another target", self.targets[planned.index], error
                     )
@@ -342,7 +342,7 @@ class MnistClient(ClientSettings):
             except BaseException:
                 self._router.abandoned(planned.index)
                 raise
-            self._router.finished(planned.index, None)
+            self._router.finished(planned.index, started, None)
             return result
         if error is None:
             raise AssertionError("a call makes at least one attempt")

@@ -3,8 +3,10 @@
 A client given several targets keeps a channel (or `connections` channels) per target and
 routes each call with a `Router`:
 
-- A call goes to the target with the fewest calls in flight (ties taken in turn), so a
-  slow server (a throttled link) gets fewer calls, and targets that failed lately go last.
+- A call goes to the target with the lowest expected wait: its recent answer time (an
+  average that fades by half each second it is not refreshed) times its calls in flight
+  plus one; ties taken in turn. A slow server (a throttled link) gets few calls, and is
+  tried again once its record has faded; targets that failed lately go last.
 - Each attempt gets half of the call's remaining deadline while another target is left
   to try, the last one all of it. A call whose server vanished without a word (a
   partition: no RST, the request is simply lost) is re-sent elsewhere after at most half
@@ -31,6 +33,8 @@ from .errors import DeadlineExceeded, MnistError, Overloaded, Unavailable
 
 FIRST_COOLDOWN = 1.0  # seconds a target that just failed is passed over
 MAX_COOLDOWN = 10.0
+HALF_LIFE = 1.0  # seconds after which a target's answer time counts half
+WEIGHT = 0.3  # of a new answer time in the average
 # Errors after which a call is sent to another target (the request is idempotent).
 ELSEWHERE: tuple[type[MnistError], ...] = (Unavailable, DeadlineExceeded, Overloaded)
 # Errors after which the target is passed over for a while.
@@ -68,11 +72,13 @@ class Router:
         self.in_flight = [0] * targets
         self.failures = [0] * targets  # consecutive
         self.suspect_until = [0.0] * targets
+        self.latency = [0.0] * targets  # seconds, averaged
+        self.measured = [0.0] * targets  # when `latency` was last updated
         self._turn = itertools.count()
         self._lock = threading.Lock()
 
     def order(self) -> list[int]:
-        """Targets in the order to try: not suspect first, then fewest calls in flight,
+        """Targets in the order to try: not suspect first, then the lowest expected wait,
         ties in turn."""
         now = self.clock()
         turn = next(self._turn)
@@ -81,10 +87,13 @@ class Router:
                 range(self.targets),
                 key=lambda i: (
                     self.suspect_until[i] > now,
-                    self.in_flight[i],
+                    self._faded(i, now) * (self.in_flight[i] + 1),
                     (i - turn) % self.targets,
                 ),
             )
+
+    def _faded(self, index: int, now: float) -> float:
+        return float(self.latency[index] * 0.5 ** ((now - self.measured[index]) / HALF_LIFE))
 
     def attempts(self, timeout: float | None) -> Iterator[Attempt]:
         """The attempts of one call with deadline `timeout` (None: none): each target at
@@ -101,19 +110,25 @@ class Router:
                 return
             yield Attempt(index, remaining if last else remaining / 2, last)
 
-    def started(self, index: int) -> None:
+    def started(self, index: int) -> float:
+        """Record an attempt's start; returns the time to give `finished`."""
         with self._lock:
             self.in_flight[index] += 1
+        return self.clock()
 
     def abandoned(self, index: int) -> None:
         """An attempt that ended without an answer or an error (cancelled)."""
         with self._lock:
             self.in_flight[index] -= 1
 
-    def finished(self, index: int, error: MnistError | None) -> bool:
+    def finished(self, index: int, started: float, error: MnistError | None) -> bool:
         """Record an attempt's end; True when its call should go to another target."""
+        now = self.clock()
         with self._lock:
             self.in_flight[index] -= 1
+            faded = self._faded(index, now)
+            self.latency[index] = faded + WEIGHT * (now - started - faded)
+            self.measured[index] = now
             if error is None:
                 self.failures[index] = 0
                 self.suspect_until[index] = 0.0

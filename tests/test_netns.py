@@ -20,7 +20,6 @@ are deleted at the end, whatever happens.
 
 from __future__ import annotations
 
-import itertools
 import contextlib
 import itertools
 import json
@@ -339,7 +338,8 @@ def test_a_partition_mid_job_fails_over_and_keepalive_ends_calls_to_the_lost_ser
          f"{SERVERS[0]}:{PORT}"],
         cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
     )  # fmt: skip
-    assert dead_peer.stdout is not None and dead_peer.stdout.readline() == "ready\n"
+    assert dead_peer.stdout is not None
+    assert dead_peer.stdout.readline() == "ready\n"
     wait_for(lambda: rows_in(output) >= 10_000, "10,000 rows", job)
     cut = time.monotonic()
     net.ip("-n", net.hub, "link", "set", net.link(0), "down")
