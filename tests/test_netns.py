@@ -45,10 +45,11 @@ SUBNET = "10.231.0"
 CLIENT = f"{SUBNET}.1"
 SERVERS = (f"{SUBNET}.2", f"{SUBNET}.3")
 PORT = 8500
-# A job slow enough to be hit mid-way: 60,000 rows in batches of 16, 2 in flight, each
+# A job slow enough to be hit mid-way: 20,000 rows in batches of 16, 2 in flight, each
 # call with a 4 s deadline (so a call lost in a partition goes elsewhere after 2 s).
 JOB = ("--batch-size", "16", "--concurrency", "2", "--timeout", "4", "--no-progress")
-ROWS = 60_000
+ROWS = 20_000
+FAULT_AT = 4_000  # rows written when the fault comes
 
 
 def _run(*command: str) -> subprocess.CompletedProcess[str]:
@@ -214,21 +215,30 @@ def client_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "mnist_serving.client", *args]
 
 
-def score_command(hosts: Hosts, mnist_path: Path, output: Path, *extra: str) -> list[str]:
+@pytest.fixture(scope="module")
+def images(mnist_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The first ROWS training images, as .npy."""
+    path = tmp_path_factory.mktemp("images") / "images.npy"
+    with np.load(mnist_path) as data:
+        np.save(path, data["x_train"][:ROWS])
+    return path
+
+
+def score_command(hosts: Hosts, images: Path, output: Path, *extra: str) -> list[str]:
     return [
         *hosts.net.exec(hosts.net.client),
-        *client_command("score", "--input", str(mnist_path), "--split", "train",
-                        "--output", str(output), *JOB, *extra),
+        *client_command("score", "--input", str(images), "--output", str(output), *JOB,
+                        *extra),
     ]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
 def reference(
-    net: Net, hosts: Hosts, mnist_path: Path, tmp_path_factory: pytest.TempPathFactory
+    net: Net, hosts: Hosts, images: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Path:
     """The output of an undisturbed job against server 1 alone."""
     output = tmp_path_factory.mktemp("reference") / "scores.csv"
-    command = score_command(hosts, mnist_path, output, "--target", f"{SERVERS[0]}:{PORT}")
+    command = score_command(hosts, images, output, "--target", f"{SERVERS[0]}:{PORT}")
     done = subprocess.run(command, capture_output=True, text=True, timeout=WAIT)
     assert done.returncode == 0, done.stdout + done.stderr
     return output
@@ -324,12 +334,12 @@ def finish_job(process: subprocess.Popen[str], output: Path, reference: Path) ->
 
 
 def test_a_partition_mid_job_fails_over_and_keepalive_ends_calls_to_the_lost_server(
-    net: Net, healthy: Hosts, mnist_path: Path, reference: Path, tmp_path: Path
+    net: Net, healthy: Hosts, images: Path, reference: Path, tmp_path: Path
 ) -> None:
     online = Online(net, healthy, tmp_path)
     output = tmp_path / "scores.csv"
     job = subprocess.Popen(
-        score_command(healthy, mnist_path, output, "--targets", healthy.targets),
+        score_command(healthy, images, output, "--targets", healthy.targets),
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     progress = Progress(output, job)
@@ -340,13 +350,13 @@ def test_a_partition_mid_job_fails_over_and_keepalive_ends_calls_to_the_lost_ser
     )  # fmt: skip
     assert dead_peer.stdout is not None
     assert dead_peer.stdout.readline() == "ready\n"
-    wait_for(lambda: rows_in(output) >= 10_000, "10,000 rows", job)
+    wait_for(lambda: rows_in(output) >= FAULT_AT, f"{FAULT_AT} rows", job)
     cut = time.monotonic()
     net.ip("-n", net.hub, "link", "set", net.link(0), "down")
     assert dead_peer.stdin is not None
     dead_peer.stdin.write("go\n")
     dead_peer.stdin.flush()
-    wait_for(lambda: rows_in(output) >= 30_000, "30,000 rows", job)
+    wait_for(lambda: rows_in(output) >= 2 * FAULT_AT, f"{2 * FAULT_AT} rows", job)
     finish_job(job, output, reference)
     # No RST comes through a partition: only keepalive can end a call without a deadline.
     died, _ = dead_peer.communicate(timeout=WAIT)
@@ -370,16 +380,16 @@ def test_a_partition_mid_job_fails_over_and_keepalive_ends_calls_to_the_lost_ser
 
 
 def test_a_throttled_link_slows_one_server_and_the_job_still_matches(
-    net: Net, healthy: Hosts, mnist_path: Path, reference: Path, tmp_path: Path
+    net: Net, healthy: Hosts, images: Path, reference: Path, tmp_path: Path
 ) -> None:
     online = Online(net, healthy, tmp_path)
     output = tmp_path / "scores.csv"
     job = subprocess.Popen(
-        score_command(healthy, mnist_path, output, "--targets", healthy.targets),
+        score_command(healthy, images, output, "--targets", healthy.targets),
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     progress = Progress(output, job)
-    wait_for(lambda: rows_in(output) >= 10_000, "10,000 rows", job)
+    wait_for(lambda: rows_in(output) >= FAULT_AT, f"{FAULT_AT} rows", job)
     throttled = time.monotonic()
     tbf = net.hub_command("tc", "qdisc", "add", "dev", net.link(0), "root", "tbf",
                           "rate", "1mbit", "burst", "32kbit", "latency", "400ms")  # fmt: skip
@@ -394,16 +404,16 @@ def test_a_throttled_link_slows_one_server_and_the_job_still_matches(
 
 
 def test_a_server_killed_mid_job_fails_over(
-    net: Net, healthy: Hosts, mnist_path: Path, reference: Path, tmp_path: Path
+    net: Net, healthy: Hosts, images: Path, reference: Path, tmp_path: Path
 ) -> None:
     online = Online(net, healthy, tmp_path)
     output = tmp_path / "scores.csv"
     job = subprocess.Popen(
-        score_command(healthy, mnist_path, output, "--targets", healthy.targets),
+        score_command(healthy, images, output, "--targets", healthy.targets),
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     progress = Progress(output, job)
-    wait_for(lambda: rows_in(output) >= 10_000, "10,000 rows", job)
+    wait_for(lambda: rows_in(output) >= FAULT_AT, f"{FAULT_AT} rows", job)
     killed = time.monotonic()
     healthy[0].process.kill()
     finish_job(job, output, reference)
@@ -417,7 +427,7 @@ def test_a_server_killed_mid_job_fails_over(
 def test_a_ray_job_meets_every_fault_and_writes_each_row_once(
     net: Net,
     healthy: Hosts,
-    mnist_path: Path,
+    images: Path,
     reference: Path,
     tmp_path: Path,
 ) -> None:
@@ -425,8 +435,9 @@ def test_a_ray_job_meets_every_fault_and_writes_each_row_once(
     pq = pytest.importorskip("pyarrow.parquet")
     from mnist_serving.client.scoring.shards import npz_to_parquet
 
-    shards, output = tmp_path / "shards", tmp_path / "scored"
-    npz_to_parquet(str(mnist_path), str(shards), shards=24, splits=["train"])
+    shards, output, npz = tmp_path / "shards", tmp_path / "scored", tmp_path / "images.npz"
+    np.savez(npz, x_train=np.load(images))
+    npz_to_parquet(str(npz), str(shards), shards=20, splits=["train"])
     command = [
         *net.exec(net.client),
         *client_command("score", "--engine", "ray", "--num-cpus", "2", "--input", str(shards),
