@@ -469,4 +469,5 @@ def test_a_ray_job_meets_every_fault_and_writes_each_row_once(
     expected = np.loadtxt(reference, delimiter=",", skiprows=1, usecols=range(1, 13))
     classes = np.asarray(table.column("class").to_numpy(), np.int64)
     assert (classes == expected[rows, 0]).all()
-    print(f"\nRay job through a partition, a throttle and a SIGKILL: {stdout.splitlines()[-3]}")
+    summary = next(line for line in stdout.splitlines() if line.startswith("scored"))
+    print(f"\nRay job through a partition, a throttle and a SIGKILL: {summary}")
