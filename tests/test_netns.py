@@ -39,6 +39,8 @@ import pytest
 
 from .support import ServerProcess
 
+pytestmark = pytest.mark.slow
+
 REPO = Path(__file__).resolve().parent.parent
 WAIT = 120  # seconds: safety nets on waits that end on an event, never a measure
 SUBNET = "10.231.0"
