@@ -14,9 +14,9 @@ import grpc
 import numpy as np
 import pytest
 
-from mnist_serving.client import AsyncMnistClient, MnistClient, RetryPolicy
+from mnist_serving.client import AsyncMnistClient, Keepalive, MnistClient, RetryPolicy
 from mnist_serving.client.__main__ import main
-from mnist_serving.client.client import DEFAULT_KEEPALIVE, Keepalive, channel_options
+from mnist_serving.client.client import DEFAULT_KEEPALIVE, channel_options
 from mnist_serving.client.errors import DeadlineExceeded, InvalidInput, Unavailable
 from mnist_serving.client.routing import Router, split_targets
 from mnist_serving.server.settings import Settings
