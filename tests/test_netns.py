@@ -353,6 +353,7 @@ def test_a_partition_mid_job_fails_over_and_keepalive_ends_calls_to_the_lost_ser
     assert dead_peer.stdout is not None
     assert dead_peer.stdout.readline() == "ready\n"
     wait_for(lambda: rows_in(output) >= FAULT_AT, f"{FAULT_AT} rows", job)
+    assert rows_in(output) < ROWS, "the job was done before the fault"
     cut = time.monotonic()
     net.ip("-n", net.hub, "link", "set", net.link(0), "down")
     assert dead_peer.stdin is not None
@@ -392,6 +393,7 @@ def test_a_throttled_link_slows_one_server_and_the_job_still_matches(
     )  # fmt: skip
     progress = Progress(output, job)
     wait_for(lambda: rows_in(output) >= FAULT_AT, f"{FAULT_AT} rows", job)
+    assert rows_in(output) < ROWS, "the job was done before the fault"
     throttled = time.monotonic()
     tbf = net.hub_command("tc", "qdisc", "add", "dev", net.link(0), "root", "tbf",
                           "rate", "1mbit", "burst", "32kbit", "latency", "400ms")  # fmt: skip
@@ -416,6 +418,7 @@ def test_a_server_killed_mid_job_fails_over(
     )  # fmt: skip
     progress = Progress(output, job)
     wait_for(lambda: rows_in(output) >= FAULT_AT, f"{FAULT_AT} rows", job)
+    assert rows_in(output) < ROWS, "the job was done before the fault"
     killed = time.monotonic()
     healthy[0].process.kill()
     finish_job(job, output, reference)
