@@ -198,6 +198,13 @@ def _parser() -> argparse.ArgumentParser:
     score.add_argument("--no-progress", action="store_true", help="no progress bar")
     _timeout_option(score, DEFAULT_TIMEOUT)
     _priority_option(score, BATCH, "default: %(default)s, behind online callers")
+    score.add_argument(
+        "--targets",
+        metavar="ADDR[,ADDR...]",
+        help="servers to spread the calls over, the fewest in flight first; a call that one "
+        "fails (or does not answer within half its --timeout) is sent to another. Or one "
+        "dns:///NAME:PORT (default: --target)",
+    )
     _ray_options(score)
     score.set_defaults(command=_score)
 
@@ -284,11 +291,6 @@ def _ray_options(score: argparse.ArgumentParser) -> None:
         default="plain",
         help="plain: this process, one output file; ray: Ray Data over shards (default: "
         "%(default)s)",
-    )
-    ray.add_argument(
-        "--targets",
-        metavar="ADDR[,ADDR...]",
-        help="servers to spread the calls over, or one dns:///NAME:PORT (default: --target)",
     )
     ray.add_argument(
         "--address", help="join this Ray cluster (default: a local instance on this machine)"
@@ -494,10 +496,10 @@ def _score(args: argparse.Namespace) -> int:
         return _score_ray(args)
     if len(args.input) != 1:
         raise InputFileError("several inputs need --engine ray; the plain engine takes one")
-    if args.targets is not None and "," in args.targets:
-        raise InputFileError("several --targets need --engine ray; the plain engine takes one")
     from tqdm import tqdm
 
+    if args.targets:
+        args.target = args.targets  # for error messages
     args.output = Path(args.output)
     source = open_source(Path(args.input[0]), split=args.split, invert=args.invert)
     settings = JobSettings(

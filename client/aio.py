@@ -7,9 +7,10 @@ many `predict` calls may be in flight at once on its one channel (or its `connec
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable
+import logging
+from collections.abc import Awaitable, Callable, Iterable
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 import numpy.typing as npt
@@ -36,24 +37,54 @@ from .feedback import (
 )
 from .metadata import ModelMetadata
 
+logger = logging.getLogger(__name__)
+R = TypeVar("R")
+
 
 class AsyncMnistClient(ClientSettings):
     """See MnistClient for the parameters and semantics."""
 
     def _connect(
         self,
-        target: str,
+        targets: tuple[str, ...],
         credentials: grpc.ChannelCredentials | None,
         options: list[list[tuple[str, Any]]],
     ) -> None:
-        if credentials is None:
-            self._channels = [grpc.aio.insecure_channel(target, options=o) for o in options]
-        else:
-            self._channels = [
-                grpc.aio.secure_channel(target, credentials, options=o) for o in options
-            ]
-        self._stubs = [predict_pb2_grpc.MnistServiceStub(c) for c in self._channels]
-        self._healths = [health_pb2_grpc.HealthStub(c) for c in self._channels]
+        def channel(target: str, option: list[tuple[str, Any]]) -> grpc.aio.Channel:
+            if credentials is None:
+                return grpc.aio.insecure_channel(target, options=option)
+            return grpc.aio.secure_channel(target, credentials, options=option)
+
+        per_target = [[channel(t, o) for o in options] for t in targets]
+        self._channels = [c for channels in per_target for c in channels]
+        self._stubs = [[predict_pb2_grpc.MnistServiceStub(c) for c in cs] for cs in per_target]
+        self._healths = [[health_pb2_grpc.HealthStub(c) for c in cs] for cs in per_target]
+
+    async def _call(
+        self, attempt: Callable[[int, float | None], Awaitable[R]], timeout: float | None
+    ) -> R:
+        """See MnistClient._call."""
+        error: MnistError | None = None
+        for planned in self._router.attempts(self._timeout(timeout)):
+            started = self._router.started(planned.index)
+            try:
+                result = await attempt(planned.index, planned.timeout)
+            except grpc.RpcError as rpc_error:
+                error = from_rpc_error(rpc_error)
+                if self._router.finished(planned.index, started, error) and not planned.last:
+                    logger.debug(
+                        "%s: %s; trying another target", self.targets[planned.index], error
+                    )
+                    continue
+                raise error from rpc_error
+            except BaseException:
+                self._router.abandoned(planned.index)
+                raise
+            self._router.finished(planned.index, started, None)
+            return result
+        if error is None:
+            raise AssertionError("a call makes at least one attempt")
+        raise error
 
     async def predict(
         self,
@@ -71,17 +102,21 @@ class AsyncMnistClient(ClientSettings):
         for start in range(0, len(batch), self.max_images_per_request):
             chunk = batch[start : start + self.max_images_per_request]
             request = predict_request(chunk, self.model_name, version)
-            try:
-                call = self._next(self._stubs).Predict(
+
+            async def attempt(
+                index: int,
+                deadline: float | None,
+                request: predict_pb2.PredictRequest = request,
+            ) -> tuple[predict_pb2.PredictResponse, Any]:
+                call = self._next(self._stubs[index]).Predict(
                     request,
-                    timeout=self._timeout(timeout),
+                    timeout=deadline,
                     metadata=metadata,
                     wait_for_ready=self.wait_for_ready,
                 )
-                response = await call
-                trailing = await call.trailing_metadata()
-            except grpc.RpcError as error:
-                raise from_rpc_error(error) from error
+                return await call, await call.trailing_metadata()
+
+            response, trailing = await self._call(attempt, timeout)
             parts.append(answered_by(decode_prediction(response, len(chunk)), trailing))
             version = version or parts[-1].model_version
         return Prediction.concatenate(parts)
@@ -112,25 +147,30 @@ class AsyncMnistClient(ClientSettings):
 
     async def metadata(self, *, timeout: float | None = None) -> ModelMetadata:
         request = predict_pb2.GetModelMetadataRequest(name=self.model_name)
-        try:
-            response = await self._next(self._stubs).GetModelMetadata(
+
+        async def attempt(
+            index: int, deadline: float | None
+        ) -> predict_pb2.GetModelMetadataResponse:
+            response: predict_pb2.GetModelMetadataResponse = await self._next(
+                self._stubs[index]
+            ).GetModelMetadata(
                 request,
-                timeout=self._timeout(timeout),
+                timeout=deadline,
                 metadata=self._metadata(),
                 wait_for_ready=self.wait_for_ready,
             )
-        except grpc.RpcError as error:
-            raise from_rpc_error(error) from error
+            return response
+
+        response = await self._call(attempt, timeout)
         return ModelMetadata.from_proto(response)
 
     async def health(self, service: str = SERVICE_NAME, *, timeout: float | None = None) -> str:
         request = health_pb2.HealthCheckRequest(service=service)
-        try:
-            response = await self._next(self._healths).Check(
-                request, timeout=self._timeout(timeout)
-            )
-        except grpc.RpcError as error:
-            raise from_rpc_error(error) from error
+
+        async def attempt(index: int, deadline: float | None) -> health_pb2.HealthCheckResponse:
+            return await self._next(self._healths[index]).Check(request, timeout=deadline)
+
+        response = await self._call(attempt, timeout)
         return status_name(response.status)
 
     async def close(self) -> None:

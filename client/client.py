@@ -3,7 +3,11 @@
 Retries are gRPC's own (a retryPolicy in the channel's service config): exponential backoff
 with full jitter, within the call's deadline, only for UNAVAILABLE and RESOURCE_EXHAUSTED.
 Predict is idempotent, so resending it is safe; health checks are never retried so that a
-probe reports what it sees.
+probe reports what it sees. Given several targets ("a:8500,b:8500"), a client keeps
+channels to each and sends a call that failed on one to another (see routing.py).
+
+Keepalive pings find a dead server even when nothing tells the client so (a partition:
+no RST): by default a connection is dropped within 15 s of its last sign of life.
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ import dataclasses
 import itertools
 import json
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -35,10 +39,12 @@ from .feedback import (
     partial_failure,
 )
 from .metadata import ModelMetadata
+from .routing import Router, split_targets
 from .tracing import trace_metadata
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
+R = TypeVar("R")
 
 SERVICE_NAME = "mnist.v1.MnistService"
 DEFAULT_TIMEOUT = 30.0
@@ -93,11 +99,46 @@ DEFAULT_RETRY = RetryPolicy()
 NO_RETRY = RetryPolicy(max_attempts=1)
 
 
+@dataclass(frozen=True)
+class Keepalive:
+    """Ping a connection after `time` seconds without a sign of life from the server, calls
+    in flight or not, and drop it when no answer comes within `timeout`: a server that
+    vanished without a word (a partition, a host powered off) is found within `time +
+    timeout` seconds, and its calls fail UNAVAILABLE instead of waiting for their deadline.
+    The server must permit pings that often (its --min-ping-interval, 5 s by default), or it
+    answers GOAWAY too_many_pings."""
+
+    time: float = 10.0
+    timeout: float = 5.0
+
+    def __post_init__(self) -> None:
+        if min(self.time, self.timeout) <= 0:
+            raise ValueError("keepalive time and timeout must be positive")
+
+    @property
+    def bound(self) -> float:
+        """Seconds after its last sign of life within which a dead peer is detected."""
+        return self.time + self.timeout
+
+    def options(self) -> list[tuple[str, Any]]:
+        return [
+            ("grpc.keepalive_time_ms", int(self.time * 1000)),
+            ("grpc.keepalive_timeout_ms", int(self.timeout * 1000)),
+            ("grpc.keepalive_permit_without_calls", 1),
+            # 0: keep pinging however long no data has been sent (gRPC's default stops at 2).
+            ("grpc.http2.max_pings_without_data", 0),
+        ]
+
+
+DEFAULT_KEEPALIVE = Keepalive()
+
+
 def channel_options(
     max_images_per_request: int,
     retry: RetryPolicy,
     extra: Sequence[tuple[str, Any]] = (),
     load_balancing: str | None = None,
+    keepalive: Keepalive | None = DEFAULT_KEEPALIVE,
 ) -> list[tuple[str, Any]]:
     # A float32 batch is 3136 bytes per image; gRPC's 4 MiB default receive limit stops at
     # ~1300 images. The retry buffer must hold a whole request or gRPC silently stops
@@ -114,6 +155,8 @@ def channel_options(
         ("grpc.per_rpc_retry_buffer_size", largest),
         ("grpc.service_config", json.dumps(service_config)),
     ]
+    if keepalive is not None:
+        options += keepalive.options()
     return options + list(extra)
 
 
@@ -204,17 +247,21 @@ def authorization(token: str | None) -> tuple[tuple[str, str], ...]:
 class ClientSettings:
     """What both clients take and keep; each opens its own kind of channels in _connect.
 
-    `connections` > 1 opens that many channels (TCP connections) and sends the calls
-    round-robin over them: the way to use every worker of a server run with --workers.
+    `target` is one server ("host:port", or a name gRPC resolves: "dns:///name:port") or
+    several ("a:8500,b:8500", or a sequence): then each call goes to one of them and is
+    re-sent to another when its server fails it (see routing.py).
+    `connections` > 1 opens that many channels (TCP connections) per target and sends the
+    calls round-robin over them: the way to use every worker of a server run with --workers.
     `priority` ("online", "batch" or None: declare none, which the server takes as online)
     is sent with every predict and metadata call unless a predict call names its own.
     `token` (a server's API key, `mnist-serve keys add`) is sent as `authorization: Bearer
     <token>` metadata on every call, over TLS or plaintext alike.
+    `keepalive` (None: gRPC's default, no pings) bounds how long a dead server goes unseen.
     """
 
     def __init__(
         self,
-        target: str,
+        target: str | Sequence[str],
         *,
         credentials: grpc.ChannelCredentials | None = None,
         timeout: float | None = DEFAULT_TIMEOUT,
@@ -227,22 +274,25 @@ class ClientSettings:
         load_balancing: str | None = None,
         priority: Priority | None = None,
         token: str | None = None,
+        keepalive: Keepalive | None = DEFAULT_KEEPALIVE,
     ) -> None:
         check_settings(timeout, max_images_per_request, connections)
         self.priority = check_priority(priority)
         self._authorization = authorization(token)
-        self.target = target
+        self.targets = split_targets(target)
+        self.target = ",".join(self.targets)
         self.timeout = timeout
         self.max_images_per_request = max_images_per_request
         self.model_name = model_name
         self.wait_for_ready = wait_for_ready
-        opts = channel_options(max_images_per_request, retry, options, load_balancing)
+        opts = channel_options(max_images_per_request, retry, options, load_balancing, keepalive)
         self._turn = itertools.count()
-        self._connect(target, credentials, connection_options(opts, connections))
+        self._router = Router(len(self.targets))
+        self._connect(self.targets, credentials, connection_options(opts, connections))
 
     def _connect(
         self,
-        target: str,
+        targets: tuple[str, ...],
         credentials: grpc.ChannelCredentials | None,
         options: list[list[tuple[str, Any]]],
     ) -> None:
@@ -283,16 +333,44 @@ class MnistClient(ClientSettings):
 
     def _connect(
         self,
-        target: str,
+        targets: tuple[str, ...],
         credentials: grpc.ChannelCredentials | None,
         options: list[list[tuple[str, Any]]],
     ) -> None:
-        if credentials is None:
-            self._channels = [grpc.insecure_channel(target, options=o) for o in options]
-        else:
-            self._channels = [grpc.secure_channel(target, credentials, options=o) for o in options]
-        self._stubs = [predict_pb2_grpc.MnistServiceStub(c) for c in self._channels]
-        self._healths = [health_pb2_grpc.HealthStub(c) for c in self._channels]
+        def channel(target: str, option: list[tuple[str, Any]]) -> grpc.Channel:
+            if credentials is None:
+                return grpc.insecure_channel(target, options=option)
+            return grpc.secure_channel(target, credentials, options=option)
+
+        per_target = [[channel(t, o) for o in options] for t in targets]
+        self._channels = [c for channels in per_target for c in channels]
+        self._stubs = [[predict_pb2_grpc.MnistServiceStub(c) for c in cs] for cs in per_target]
+        self._healths = [[health_pb2_grpc.HealthStub(c) for c in cs] for cs in per_target]
+
+    def _call(self, attempt: Callable[[int, float | None], R], timeout: float | None) -> R:
+        """`attempt(target index, its deadline)` on one target after another (routing.py)
+        until one answers; raises the last error."""
+        error: MnistError | None = None
+        for planned in self._router.attempts(self._timeout(timeout)):
+            started = self._router.started(planned.index)
+            try:
+                result = attempt(planned.index, planned.timeout)
+            except grpc.RpcError as rpc_error:
+                error = from_rpc_error(rpc_error)
+                if self._router.finished(planned.index, started, error) and not planned.last:
+                    logger.debug(
+                        "%s: %s; trying another target", self.targets[planned.index], error
+                    )
+                    continue
+                raise error from rpc_error
+            except BaseException:
+                self._router.abandoned(planned.index)
+                raise
+            self._router.finished(planned.index, started, None)
+            return result
+        if error is None:
+            raise AssertionError("a call makes at least one attempt")
+        raise error
 
     def predict(
         self,
@@ -317,15 +395,20 @@ class MnistClient(ClientSettings):
         for start in range(0, len(batch), self.max_images_per_request):
             chunk = batch[start : start + self.max_images_per_request]
             request = predict_request(chunk, self.model_name, version)
-            try:
-                response, call = self._next(self._stubs).Predict.with_call(
+
+            def attempt(
+                index: int,
+                deadline: float | None,
+                request: predict_pb2.PredictRequest = request,
+            ) -> tuple[predict_pb2.PredictResponse, grpc.Call]:
+                return self._next(self._stubs[index]).Predict.with_call(  # type: ignore[no-any-return]
                     request,
-                    timeout=self._timeout(timeout),
+                    timeout=deadline,
                     metadata=metadata,
                     wait_for_ready=self.wait_for_ready,
                 )
-            except grpc.RpcError as error:
-                raise from_rpc_error(error) from error
+
+            response, call = self._call(attempt, timeout)
             parts.append(
                 answered_by(decode_prediction(response, len(chunk)), call.trailing_metadata())
             )
@@ -362,25 +445,28 @@ class MnistClient(ClientSettings):
 
     def metadata(self, *, timeout: float | None = None) -> ModelMetadata:
         request = predict_pb2.GetModelMetadataRequest(name=self.model_name)
-        try:
-            response = self._next(self._stubs).GetModelMetadata(
+        response = self._call(
+            lambda index, deadline: self._next(self._stubs[index]).GetModelMetadata(
                 request,
-                timeout=self._timeout(timeout),
+                timeout=deadline,
                 metadata=self._metadata(),
                 wait_for_ready=self.wait_for_ready,
-            )
-        except grpc.RpcError as error:
-            raise from_rpc_error(error) from error
+            ),
+            timeout,
+        )
         return ModelMetadata.from_proto(response)
 
     def health(self, service: str = SERVICE_NAME, *, timeout: float | None = None) -> str:
         """The serving status of `service` ("" = the whole server): "SERVING",
-        "NOT_SERVING", ... Raises Unavailable when the server cannot be reached."""
+        "NOT_SERVING", ... Raises Unavailable when the server cannot be reached. With
+        several targets: the status of the first that answers."""
         request = health_pb2.HealthCheckRequest(service=service)
-        try:
-            response = self._next(self._healths).Check(request, timeout=self._timeout(timeout))
-        except grpc.RpcError as error:
-            raise from_rpc_error(error) from error
+        response = self._call(
+            lambda index, deadline: self._next(self._healths[index]).Check(
+                request, timeout=deadline
+            ),
+            timeout,
+        )
         return status_name(response.status)
 
     def close(self) -> None:

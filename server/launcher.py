@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import urllib.request
+from collections.abc import Sequence
 from pathlib import Path
 
 
@@ -25,11 +26,14 @@ class ServerProcess:
         host: str = "127.0.0.1",
         start_timeout: float = 180,
         python: str = sys.executable,
+        prefix: Sequence[str] = (),
     ) -> None:
+        """`prefix` goes before the command, e.g. ("ip", "netns", "exec", NAME) to serve
+        from a network namespace (the tool must exec the command: signals reach it)."""
         self.model_dir = model_dir
         self.host = "127.0.0.1" if host in ("", "0.0.0.0") else host
         command = [
-            python, "-m", "mnist_serving.server",
+            *prefix, python, "-m", "mnist_serving.server",
             "--model-dir", str(model_dir), "--host", host,
             "--port", "0", "--http-port", "0", *args,
         ]  # fmt: skip

@@ -163,9 +163,10 @@ class Settings(BaseSettings):
         20.0, gt=0, description="seconds to wait for a ping's answer before dropping a connection"
     )
     min_ping_interval: float = Field(
-        10.0,
+        5.0,
         ge=0,
-        description="clients that ping more often than this get GOAWAY (after two strikes)",
+        description="clients that ping more often than this get GOAWAY (after two strikes); "
+        "the project's client pings every 10 s",
     )
     max_connection_idle: float = Field(
         300.0, ge=0, description="close connections without calls for this long (0: never)"

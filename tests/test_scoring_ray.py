@@ -420,7 +420,10 @@ def test_several_targets_share_the_calls_and_one_version_is_pinned(
         calls = [one.service.predict_calls(), two.service.predict_calls()]
     assert report.rows == 4000
     assert report.model_version == 2
-    assert len(calls[0]) == len(calls[1]) == 20
+    # Each batch goes where the expected wait is lowest (client/routing.py): both servers
+    # take a share, every batch once.
+    assert len(calls[0]) + len(calls[1]) == 40
+    assert min(len(calls[0]), len(calls[1])) > 0
     assert {c.version for c in calls[0] + calls[1]} == {2}
     out = pq.read_table(tmp_path / "out")
     assert out.num_rows == 4000

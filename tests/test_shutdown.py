@@ -520,7 +520,7 @@ async def test_a_client_that_pings_too_often_is_sent_away(tiny_model_dir: Path) 
             f"127.0.0.1:{held.server.port}",
             options=[
                 ("grpc.use_local_subchannel_pool", 1),
-                ("grpc.keepalive_time_ms", 200),  # far below --min-ping-interval (10 s)
+                ("grpc.keepalive_time_ms", 200),  # far below --min-ping-interval (5 s)
                 ("grpc.keepalive_permit_without_calls", 1),
                 ("grpc.http2.max_pings_without_data", 0),
             ],

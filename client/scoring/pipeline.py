@@ -50,8 +50,8 @@ DEFAULT_CONCURRENCY = 4
 
 
 class Predictor(Protocol):
-    """What `scored_batches` needs of a client: AsyncMnistClient, or the Ray engine's
-    round-robin over several servers."""
+    """What `scored_batches` needs of a client: AsyncMnistClient (over one server or
+    several)."""
 
     async def predict(self, images: npt.ArrayLike, *, model_version: int = 0) -> Prediction: ...
 

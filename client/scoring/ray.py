@@ -3,7 +3,7 @@
     shards (Parquet, .npy, .npz, image folders; local, s3://, gs://, ...)
       -> a Ray Data dataset with one row per shard still to do
       -> map_batches on an actor pool: each actor reads its shard, scores it through the
-         servers (an async client per target, `concurrency` requests in flight), writes
+         servers (one async client over every target, `concurrency` requests in flight), writes
          the shard's Parquet output beside its final name and renames it there
       -> one status row per shard back to the driver -> the summary
 
@@ -20,7 +20,6 @@ Ray is imported only inside `run_ray_job` and the actor: the client library neve
 from __future__ import annotations
 
 import asyncio
-import itertools
 import json
 import logging
 import os
@@ -48,7 +47,6 @@ from ..client import (
     check_priority,
     tls_credentials,
 )
-from ..codec import Prediction
 from ..errors import InputFileError, NotFound, Unavailable
 from ..inputs import ArraySource
 from ..tracing import attached, trace_metadata
@@ -315,7 +313,7 @@ async def _probe(settings: RayJobSettings, wanted: int) -> tuple[int, int]:
 
 
 def _client(
-    settings: RayJobSettings | WorkerSettings, target: str, batch_size: int
+    settings: RayJobSettings | WorkerSettings, target: str | tuple[str, ...], batch_size: int
 ) -> AsyncMnistClient:
     credentials = None
     if settings.tls or settings.root_certificates is not None or settings.client_key is not None:
@@ -328,7 +326,7 @@ def _client(
         timeout=settings.timeout,
         max_images_per_request=batch_size,
         retry=settings.retry,
-        load_balancing="round_robin" if target.startswith("dns:") else None,
+        load_balancing="round_robin" if "".join(target).startswith("dns:") else None,
         priority=settings.priority,
         token=settings.token,
     )
@@ -469,30 +467,6 @@ class WorkerSettings:
     token: str | None = field(default=None, repr=False)  # the server's API key
 
 
-class RoundRobin:
-    """One async client per target; each call goes to the next one, and a call that finds
-    its server unavailable (after the client's own retries) tries the others."""
-
-    def __init__(self, clients: list[AsyncMnistClient]) -> None:
-        self.clients = clients
-        self._next = itertools.cycle(range(len(clients)))
-
-    async def predict(self, images: npt.ArrayLike, *, model_version: int = 0) -> Prediction:
-        first = next(self._next)
-        for attempt in range(len(self.clients)):
-            client = self.clients[(first + attempt) % len(self.clients)]
-            try:
-                return await client.predict(images, model_version=model_version)
-            except Unavailable:
-                if attempt == len(self.clients) - 1:
-                    raise
-        raise AssertionError("unreachable")
-
-    async def close(self) -> None:
-        for client in self.clients:
-            await client.close()
-
-
 class ShardFailed(Exception):
     """A shard that could not be scored whole: it gets no output, and a rerun redoes it."""
 
@@ -506,10 +480,10 @@ class ShardScorer:
         self.loop = asyncio.new_event_loop()
         self.clients = self.loop.run_until_complete(self._connect())
 
-    async def _connect(self) -> RoundRobin:
-        return RoundRobin(
-            [_client(self.settings, t, self.settings.batch_size) for t in self.settings.targets]
-        )
+    async def _connect(self) -> AsyncMnistClient:
+        # One client over every target: calls go where the fewest are in flight, and a call
+        # that fails on one server is sent to another (see client/routing.py).
+        return _client(self.settings, self.settings.targets, self.settings.batch_size)
 
     def __call__(self, batch: dict[str, npt.NDArray[Any]]) -> dict[str, npt.NDArray[Any]]:
         outcomes = [self.score(Shard.from_dict(json.loads(str(text)))) for text in batch["shard"]]
