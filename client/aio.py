@@ -132,12 +132,23 @@ class AsyncMnistClient(ClientSettings):
         total = FeedbackResult()
         try:
             for offset, request in feedback_requests(labels, chunk_size):
-                response = await self._next(self._stubs).Feedback(
-                    request,
-                    timeout=self._timeout(timeout),
-                    metadata=self._metadata(),
-                    wait_for_ready=self.wait_for_ready,
-                )
+
+                async def attempt(
+                    index: int,
+                    deadline: float | None,
+                    request: predict_pb2.FeedbackRequest = request,
+                ) -> predict_pb2.FeedbackResponse:
+                    response: predict_pb2.FeedbackResponse = await self._next(
+                        self._stubs[index]
+                    ).Feedback(
+                        request,
+                        timeout=deadline,
+                        metadata=self._metadata(),
+                        wait_for_ready=self.wait_for_ready,
+                    )
+                    return response
+
+                response = await self._call(attempt, timeout)
                 total += FeedbackResult.from_proto(response, offset)
         except grpc.RpcError as error:
             raise partial_failure(from_rpc_error(error), total) from error

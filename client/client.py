@@ -430,11 +430,16 @@ class MnistClient(ClientSettings):
         total = FeedbackResult()
         try:
             for offset, request in feedback_requests(labels, chunk_size):
-                response = self._next(self._stubs).Feedback(
-                    request,
-                    timeout=self._timeout(timeout),
-                    metadata=self._metadata(),
-                    wait_for_ready=self.wait_for_ready,
+                response = self._call(
+                    lambda index, deadline, request=request: self._next(  # type: ignore[misc]
+                        self._stubs[index]
+                    ).Feedback(
+                        request,
+                        timeout=deadline,
+                        metadata=self._metadata(),
+                        wait_for_ready=self.wait_for_ready,
+                    ),
+                    timeout,
                 )
                 total += FeedbackResult.from_proto(response, offset)
         except grpc.RpcError as error:
