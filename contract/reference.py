@@ -19,6 +19,7 @@ one open above: the same bins as Prometheus buckets `le` edges[1:-1] and +Inf.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -145,7 +146,7 @@ def check_reference(value: object) -> dict[str, Any]:
             or not isinstance(fractions, list)
             or len(edges) < 2
             or len(fractions) != len(edges) - 1
-            or any(b <= a for a, b in zip(edges, edges[1:], strict=False))
+            or any(b <= a for a, b in itertools.pairwise(edges))
         ):
             raise ValueError(f"{key}: edges must increase and there must be one fraction per bin")
     threshold = reference.get("low_confidence_threshold")

@@ -26,6 +26,7 @@ from .api.rpc import RpcBinding
 from .core import InferenceCore
 from .errors import StartupError
 from .listener import ConnectionLimits, HttpListener, metrics_application
+from .quality import Quality
 from .settings import Settings
 from .versions import ModelRegistry
 
@@ -148,7 +149,9 @@ class ModelServer:
             initargs=(settings.batch_nice,),
         )
         self.registry = ModelRegistry(settings, self._inference, self._batch_inference)
-        self.core = InferenceCore(self.registry, settings)
+        # Drift signals against each version's training reference (server/quality.py).
+        self.quality = Quality(settings, self.registry)
+        self.core = InferenceCore(self.registry, settings, observers=(self.quality,))
         # The door every call passes, and the per-call path around every call of every API.
         self.admission = Admission()
         self.access_log = (
@@ -190,6 +193,7 @@ class ModelServer:
         )
         self._metrics_http: HttpListener | None = None
         self._poller: asyncio.Task[None] | None = None
+        self._drift: asyncio.Task[None] | None = None
         self.port = self.http_port = self.health_port = 0
         self.metrics_port: int | None = None
         self._serving = False
@@ -216,6 +220,7 @@ class ModelServer:
         self.core.ready = self._serving = True
         if self.settings.poll_interval > 0:
             self._poller = asyncio.get_running_loop().create_task(self.registry.poll())
+        self._drift = asyncio.get_running_loop().create_task(self.quality.run())
         self._log_serving()
 
     async def _say(self, status: Any, *services: str) -> None:
@@ -313,6 +318,10 @@ class ModelServer:
         await asyncio.gather(self._grpc.stop(STREAM_GRACE_SECONDS), self._http.stop())
         if self._health_grpc is not None:
             await self._health_grpc.stop(0)
+        if self._drift is not None:
+            self._drift.cancel()
+            await asyncio.gather(self._drift, return_exceptions=True)
+        self.quality.close()  # the last images reach the histograms
         await self.registry.close()
         if self._metrics_http is not None:
             await self._metrics_http.stop()

@@ -18,7 +18,7 @@ from ..call_context import ONLINE
 from ..core import InferenceCore
 from ..listener import metrics_page
 from ..settings import Settings
-from . import cors, openapi, rest, tfserving_rest, ui, v2_rest
+from . import cors, feedback_rest, openapi, rest, tfserving_rest, ui, v2_rest
 from .calls import CallPath
 
 logger = logging.getLogger(__name__)
@@ -65,6 +65,7 @@ def application(
         [
             *tfserving_rest.routes(core, binding),
             *v2_rest.routes(core, binding),
+            *feedback_rest.routes(core, binding),
             web.get("/metrics", metrics_page),
             *openapi.routes(),
         ]
