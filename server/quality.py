@@ -1,11 +1,11 @@
 """Drift signals: live traffic compared with each version's training reference.
 
-An Observer (server/observers.py). On the call path it only computes each image's
-statistics (top probability, mean intensity, ink fraction: a few vectorised numpy passes
-over the batch) and writes them, with the predicted class, into the version's ring of the
-last `--drift-window` images. Every `--drift-interval` seconds `refresh()` (a task of the
-server) adds the images seen since the last refresh to the histograms in bulk and sets the
-gauges from the ring:
+An Observer (server/observers.py). On the call path it only copies the call's pixels,
+probabilities and classes into the version's rings of the last `--drift-window` images (a
+few slice assignments, whatever the batch size). Every `--drift-interval` seconds
+`refresh()` (a task of the server) derives each new image's statistics (top probability,
+mean intensity, ink fraction) in one vectorised pass, adds them to the histograms in bulk,
+and sets the gauges from the window:
 
 - mnist_class_mix_divergence: Jensen-Shannon divergence of the window's predicted class
   mix from the version's predicted mix on the test set (not from the training labels: the
@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from mnist_serving.contract import IMAGE_SIDE, NUM_CLASSES
 from mnist_serving.contract.reference import (
     CONFIDENCE_EDGES,
     INK_FRACTION_EDGES,
@@ -54,10 +55,18 @@ from .versions import ModelRegistry
 
 logger = logging.getLogger(__name__)
 ERROR_LOG_INTERVAL = 60.0
+PIXELS = IMAGE_SIDE * IMAGE_SIDE
 
 
 class VersionWindow:
-    """The last `size` images one version answered: four rings written in slices."""
+    """The last `size` images one version answered, in rings written in slices.
+
+    `add` (the call path) only copies the call's pixels, probabilities and classes into the
+    rings: a few slice assignments whatever the batch size. `flush` (each refresh, or when
+    unflushed images are about to be overwritten) derives the per-image statistics of the
+    images added since the last flush, in one vectorised pass over all of them, and adds
+    them to the histograms.
+    """
 
     def __init__(
         self, version: int, reference: Mapping[str, Any], size: int, min_images: int
@@ -66,80 +75,94 @@ class VersionWindow:
         self.reference = reference
         self.size = size
         self.min_images = min_images
+        # What calls write (about 840 bytes an image: 8.4 MB for 10,000 images)...
         self.classes = np.zeros(size, np.int8)
+        self.probabilities = np.zeros((size, NUM_CLASSES), np.float32)
+        self.pixels = np.zeros((size, PIXELS), np.uint8)
+        # ...and what flush derives from it.
         self.confidence = np.zeros(size, np.float32)
         self.intensity = np.zeros(size, np.float32)
         self.ink = np.zeros(size, np.float32)
-        self._rings: tuple[np.ndarray, ...] = (
-            self.classes,
-            self.confidence,
-            self.intensity,
-            self.ink,
-        )
         self.written = 0  # images ever written
-        self.flushed = 0  # images ever added to the histograms
+        self.flushed = 0  # images ever derived and added to the histograms
         label = str(version)
         self._histograms = (
-            (metrics.PREDICTION_CONFIDENCE.labels(label), self.confidence, CONFIDENCE_EDGES),
-            (metrics.INPUT_MEAN_INTENSITY.labels(label), self.intensity, MEAN_INTENSITY_EDGES),
-            (metrics.INPUT_INK_FRACTION.labels(label), self.ink, INK_FRACTION_EDGES),
+            (metrics.PREDICTION_CONFIDENCE.labels(label), CONFIDENCE_EDGES),
+            (metrics.INPUT_MEAN_INTENSITY.labels(label), MEAN_INTENSITY_EDGES),
+            (metrics.INPUT_INK_FRACTION.labels(label), INK_FRACTION_EDGES),
         )
-        self._gauges_set = False
         self.low_confidence_threshold = float(reference["low_confidence_threshold"])
 
-    def add(self, columns: Sequence[np.ndarray]) -> None:
-        """One call's per-image values: classes, confidence, mean intensity, ink fraction."""
-        count = len(columns[0])
+    def add(self, pixels: np.ndarray, probabilities: np.ndarray, classes: np.ndarray) -> None:
+        """One call: uint8 pixels [N, 784], probabilities [N, 10], classes [N]."""
+        count = len(classes)
         if count >= self.size:  # one call fills the ring: count all of it, keep its tail
             self.flush()
-            for (child, _, edges), values in zip(self._histograms, columns[1:], strict=True):
-                _add(child, values, edges)
-            for ring, values in zip(self._rings, columns, strict=True):
-                ring[:] = values[count - self.size :]
-            self.written += count
-            self.written -= self.written % self.size  # the ring starts over at 0
-            self.flushed = self.written
+            derived = _derive(pixels, probabilities)
+            self._count(derived)
+            tail = slice(count - self.size, count)
+            self.classes[:] = classes[tail]
+            self.probabilities[:] = probabilities[tail]
+            self.pixels[:] = pixels[tail]
+            self.confidence[:], self.intensity[:], self.ink[:] = (v[tail] for v in derived)
+            self.written = self.flushed = (self.written // self.size + 1) * self.size
             return
         if self.written - self.flushed + count > self.size:
             self.flush()  # what the histograms have not counted yet is about to be overwritten
         start = self.written % self.size
         end = start + count
         if end <= self.size:
-            for ring, values in zip(self._rings, columns, strict=True):
-                ring[start:end] = values
+            self.classes[start:end] = classes
+            self.probabilities[start:end] = probabilities
+            self.pixels[start:end] = pixels
         else:
             split = self.size - start
-            for ring, values in zip(self._rings, columns, strict=True):
-                ring[start:] = values[:split]
-                ring[: end - self.size] = values[split:]
+            rest = end - self.size
+            self.classes[start:] = classes[:split]
+            self.classes[:rest] = classes[split:]
+            self.probabilities[start:] = probabilities[:split]
+            self.probabilities[:rest] = probabilities[split:]
+            self.pixels[start:] = pixels[:split]
+            self.pixels[:rest] = pixels[split:]
         self.written += count
 
     def flush(self) -> None:
-        """Add the images written since the last flush to the histograms."""
+        """Derive the statistics of the images written since the last flush; count them."""
         pending = self.written - self.flushed
         if not pending:
             return
         start = self.flushed % self.size
         end = start + pending
-        for child, ring, edges in self._histograms:
-            if end <= self.size:
-                values = ring[start:end]
-            else:
-                values = np.concatenate((ring[start:], ring[: end - self.size]))
-            _add(child, values, edges)
+        spans = [(start, end)] if end <= self.size else [(start, self.size), (0, end - self.size)]
+        parts = []
+        for first, last in spans:
+            derived = _derive(self.pixels[first:last], self.probabilities[first:last])
+            self.confidence[first:last], self.intensity[first:last], self.ink[first:last] = derived
+            parts.append(derived)
+        if len(parts) == 1:
+            self._count(parts[0])
+        else:
+            self._count(
+                tuple(np.concatenate(values) for values in zip(*parts, strict=True))  # type: ignore[arg-type]
+            )
         self.flushed = self.written
+
+    def _count(self, derived: tuple[np.ndarray, np.ndarray, np.ndarray]) -> None:
+        for (child, edges), values in zip(self._histograms, derived, strict=True):
+            metrics.add_to_histogram(
+                child, bin_counts(values, edges), float(values.sum(dtype=np.float64))
+            )
 
     @property
     def images(self) -> int:
         return min(self.written, self.size)
 
     def signals(self) -> dict[metrics.DriftGauge, float]:
-        """Each drift gauge's value over the window as it is now."""
+        """Each drift gauge's value over the window (flushed first)."""
         count = self.images
         reference = self.reference
-        classes = self.classes[:count]
         confidence = self.confidence[:count]
-        mix = np.bincount(classes, minlength=len(reference["predicted_distribution"]))
+        mix = np.bincount(self.classes[:count], minlength=NUM_CLASSES)
         return {
             metrics.CLASS_MIX_DIVERGENCE: js_divergence(mix, reference["predicted_distribution"]),
             metrics.CONFIDENCE_DIVERGENCE: _divergence(confidence, reference["confidence"]),
@@ -163,7 +186,6 @@ class VersionWindow:
             return
         for gauge, value in self.signals().items():
             gauge.labels(label).set(value)
-        self._gauges_set = True
 
     def remove(self) -> None:
         """Take the version's gauges off the page (it is no longer served)."""
@@ -173,8 +195,21 @@ class VersionWindow:
                 gauge.remove(label)
 
 
-def _add(child: Any, values: np.ndarray, edges: Sequence[float]) -> None:
-    metrics.add_to_histogram(child, bin_counts(values, edges), float(values.sum(dtype=np.float64)))
+def _derive(
+    pixels: np.ndarray, probabilities: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Top probability, mean intensity and ink fraction of each image."""
+    intensity, ink = input_statistics(pixels)
+    return probabilities.max(axis=1), intensity, ink
+
+
+def as_pixels(images: np.ndarray) -> np.ndarray:
+    """uint8 [N, 784]: the pixels as sent, or float32 images in [0, 1] rounded to 0..255
+    (their statistics then agree with the float values' to within that rounding)."""
+    flat = images.reshape(len(images), PIXELS)
+    if flat.dtype == np.uint8:
+        return flat
+    return np.rint(np.clip(flat, 0.0, 1.0) * 255).astype(np.uint8)
 
 
 def _divergence(values: np.ndarray, reference: Mapping[str, Any]) -> float:
