@@ -97,15 +97,16 @@ def observe_cost(model_dir: Path) -> list[tuple[str, float]]:
 
     latest = max(int(p.name) for p in model_dir.iterdir() if p.name.isdigit())
     reference = json.loads((model_dir / str(latest) / REPORT).read_text())["reference"]
-    settings = Settings()
+    defaults = {name: field.default for name, field in Settings.model_fields.items()}
+    size, min_images = defaults["drift_window"], defaults["drift_min_images"]
     rng = np.random.default_rng(0)
     rows = []
     for size in (1, 16, 256):
         images = rng.integers(0, 256, (size, 28, 28), dtype=np.uint8)
         probabilities = rng.dirichlet(np.ones(10), size).astype(np.float32)
         prediction = Prediction(probabilities, probabilities.argmax(1))
-        window = VersionWindow(1, reference, settings.drift_window, settings.drift_min_images)
-        recent = RecentPredictions(settings.feedback_window)
+        window = VersionWindow(1, reference, size, min_images)
+        recent = RecentPredictions(defaults["feedback_window"])
         counter = iter(range(10**9))
 
         def drift(

@@ -209,7 +209,8 @@ def as_pixels(images: np.ndarray) -> np.ndarray:
     flat = images.reshape(len(images), PIXELS)
     if flat.dtype == np.uint8:
         return flat
-    return np.rint(np.clip(flat, 0.0, 1.0) * 255).astype(np.uint8)
+    pixels: np.ndarray = np.rint(np.clip(flat, 0.0, 1.0) * 255).astype(np.uint8)
+    return pixels
 
 
 def _divergence(values: np.ndarray, reference: Mapping[str, Any]) -> float:
@@ -237,8 +238,7 @@ class Quality:
         if window is None:
             return
         try:
-            intensity, ink = input_statistics(images)
-            window.add((prediction.classes, prediction.probabilities.max(axis=1), intensity, ink))
+            window.add(as_pixels(images), prediction.probabilities, prediction.classes)
         except Exception as error:  # never into the call
             self._errors.warning("drift accounting failed", error=repr(error))
 
