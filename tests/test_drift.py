@@ -301,6 +301,7 @@ def test_normal_test_set_traffic_stays_under_every_threshold(
         assert set(signals) == set(SIGNALS)
         for name, measured in signals.items():
             worst[name] = max(worst[name], measured)
+    print("worst over the test set's windows:", worst)
     for name, measured in worst.items():
         assert measured < limits[name] / 2, f"{name}: {measured} is not well below {limits[name]}"
 
