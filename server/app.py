@@ -151,7 +151,9 @@ class ModelServer:
         self.registry = ModelRegistry(settings, self._inference, self._batch_inference)
         # Drift signals against each version's training reference (server/quality.py).
         self.quality = Quality(settings, self.registry)
-        self.core = InferenceCore(self.registry, settings, observers=(self.quality,))
+        self.core = InferenceCore(
+            self.registry, settings, observers=(self.quality,) if settings.drift else ()
+        )
         # The door every call passes, and the per-call path around every call of every API.
         self.admission = Admission()
         self.access_log = (
@@ -220,7 +222,8 @@ class ModelServer:
         self.core.ready = self._serving = True
         if self.settings.poll_interval > 0:
             self._poller = asyncio.get_running_loop().create_task(self.registry.poll())
-        self._drift = asyncio.get_running_loop().create_task(self.quality.run())
+        if self.settings.drift:
+            self._drift = asyncio.get_running_loop().create_task(self.quality.run())
         self._log_serving()
 
     async def _say(self, status: Any, *services: str) -> None:

@@ -228,6 +228,11 @@ class Settings(BaseSettings):
         "headers arrived; then it gets 408 and the connection is closed",
     )
 
+    drift: bool = Field(
+        True,
+        description="drift signals: compare recent traffic with each version's training "
+        "reference (gauges and histograms on /metrics)",
+    )
     drift_window: int = Field(
         10000,
         ge=100,

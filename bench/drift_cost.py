@@ -1,0 +1,77 @@
+"""`python -m bench.drift_cost --model-dir DIR`: what drift accounting and the feedback
+window cost the calls, ratios side by side in one run (issue 24's target: >= 0.97x).
+
+One server per setting, the same load on each (single images from `--clients` clients;
+batch-256 requests from 4 clients), each figure divided by the same figure with both off:
+  D0a/D0b  both off again, run last: how far two identical runs differ on this machine
+  D1/D2    drift signals and the feedback window on (the defaults)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from mnist_serving.server.launcher import ServerProcess
+
+from .harness import Row, Stats, load, print_table, row, write_json
+
+BATCH = 256
+BATCH_CLIENTS = 4
+OFF = ["--no-drift", "--feedback-window", "0"]
+
+
+def run(args: argparse.Namespace) -> list[Row]:
+    settings = {"off": OFF, "drift + feedback window": [], "off again": OFF}
+    single: dict[str, Stats] = {}
+    batch: dict[str, Stats] = {}
+    for name, flags in settings.items():
+        server = ServerProcess(args.model_dir, "--poll-interval", "0", *flags)
+        try:
+            print(f"{name}: 1 image, {args.clients} clients ...", file=sys.stderr)
+            single[name] = load(server.target, 1, args.clients, args.seconds, connections=4)
+            print(f"{name}: batch {BATCH}, {BATCH_CLIENTS} clients ...", file=sys.stderr)
+            batch[name] = load(server.target, BATCH, BATCH_CLIENTS, args.seconds)
+        finally:
+            server.stop()
+    rows: list[Row] = []
+    off_single, off_batch = single["off"], batch["off"]
+    for name, (first, second), target in (
+        ("off again", ("D0a", "D0b"), None),
+        ("drift + feedback window", ("D1", "D2"), 0.97),
+    ):
+        rows.append(
+            row(first, f"{name}: 1 image, {args.clients} clients: req/s / off req/s",
+                single[name], "both off", off_single,
+                single[name]["req_per_s"] / off_single["req_per_s"], target)
+        )  # fmt: skip
+        rows.append(
+            row(second, f"{name}: batch-{BATCH} uint8, {BATCH_CLIENTS} clients: images/s / "
+                "off images/s", batch[name], "both off", off_batch,
+                batch[name]["images_per_s"] / off_batch["images_per_s"], target)
+        )  # fmt: skip
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.drift_cost", description=__doc__)
+    parser.add_argument("--model-dir", type=Path, required=True, help="e.g. models/mnist")
+    parser.add_argument("--clients", type=int, default=64, help="single-image clients")
+    parser.add_argument("--seconds", type=float, default=5.0, help="measured time per run")
+    parser.add_argument("--json", type=Path, help="also write one JSON object per row here")
+    args = parser.parse_args(argv)
+    settings = {
+        "seconds_per_run": args.seconds,
+        "clients": args.clients,
+        "usable_cpus": len(os.sched_getaffinity(0)),
+    }
+    rows = run(args)
+    print_table(rows, settings)
+    if args.json:
+        write_json(args.json, rows, settings)
+
+
+if __name__ == "__main__":
+    main()
