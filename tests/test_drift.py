@@ -492,3 +492,46 @@ def test_a_version_without_reference_serves_without_drift_gauges(
         answer = feedback_rpc(server.target, [(calls[0][0], 0, 7)])
         assert answer.accepted == 1
         assert value(server.scrape(), "mnist_feedback_total", version="1") == 1
+
+
+def test_workers_show_drift_and_join_feedback_sent_on_the_same_channel(
+    trained_model_dir: Path, mnist_path: Path
+) -> None:
+    """--workers 2: the worker that answered a channel's calls fills its window (the page
+    shows its gauges) and joins the labels sent on that channel; the page sums the counts."""
+    data = np.load(mnist_path)
+    images, labels = data["x_test"][:WINDOW], data["y_test"][:WINDOW]
+    with ServerProcess(
+        trained_model_dir,
+        "--poll-interval", "0",
+        "--workers", "2",
+        "--drift-window", str(WINDOW),
+        "--drift-min-images", str(WINDOW),
+        "--drift-interval", "0.1",
+    ) as server, grpc.insecure_channel(server.target) as channel:  # fmt: skip
+        stub = predict_pb2_grpc.MnistServiceStub(channel)
+        feedback = []
+        for start in range(0, WINDOW, CALL_IMAGES):
+            chunk = np.ascontiguousarray(images[start : start + CALL_IMAGES])
+            _, call = stub.Predict.with_call(
+                pb.PredictRequest(
+                    images=pb.Tensor(
+                        dtype=pb.DATA_TYPE_UINT8, shape=chunk.shape, content=chunk.tobytes()
+                    )
+                )
+            )
+            request_id = dict(call.trailing_metadata())["x-request-id"]
+            feedback += [
+                pb.FeedbackLabel(request_id=request_id, index=i, label=int(labels[start + i]))
+                for i in range(len(chunk))
+            ]
+        signals = wait_for(server, "mnist_drift_window_images", WINDOW)
+        assert set(signals) == set(SIGNALS)
+        limits = thresholds()
+        assert all(signals[name] < limits[name] for name in SIGNALS), signals
+        answer = stub.Feedback(pb.FeedbackRequest(labels=feedback))
+        assert (answer.accepted, answer.unknown) == (WINDOW, 0)
+        samples = server.scrape()
+        assert value(samples, "mnist_feedback_total", version="1") == WINDOW
+        correct = value(samples, "mnist_feedback_correct_total", version="1")
+        assert correct >= 0.95 * WINDOW
