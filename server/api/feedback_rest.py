@@ -16,7 +16,7 @@ from ..errors import InvalidInput
 from ..feedback import MAX_LABELS, FeedbackLabel
 from . import rest
 
-API = "native"  # the same RPC as MnistService.Feedback, counted under the same name
+API = "native_rest"  # MnistService.Feedback over HTTP, counted as the RPC it stands for
 METHOD = "Feedback"
 PATH = "/v1/feedback"
 FIELDS = ("request_id", "index", "label")
