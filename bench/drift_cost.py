@@ -5,6 +5,9 @@ One server per setting, the same load on each (single images from `--clients` cl
 batch-256 requests from 4 clients), each figure divided by the same figure with both off:
   D0a/D0b  both off again, run last: how far two identical runs differ on this machine
   D1/D2    drift signals and the feedback window on (the defaults)
+  D3/D4    the server process's CPU time per image (user + system, from /proc) on, over off:
+           less sensitive than throughput to other processes on a shared machine, and
+           what the work on the call path costs (target: <= 1/0.97 = 1.03)
 """
 
 from __future__ import annotations
@@ -23,19 +26,35 @@ BATCH_CLIENTS = 4
 OFF = ["--no-drift", "--feedback-window", "0"]
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def run(args: argparse.Namespace) -> list[Row]:
     settings = {"off": OFF, "drift + feedback window": [], "off again": OFF}
     single: dict[str, Stats] = {}
     batch: dict[str, Stats] = {}
+    cpu: dict[tuple[str, int], float] = {}  # (setting, images per call) -> CPU us per image
     for name, flags in settings.items():
         server = ServerProcess(args.model_dir, "--poll-interval", "0", *flags)
+        pid = server.process.pid
         try:
             print(f"{name}: 1 image, {args.clients} clients ...", file=sys.stderr)
+            started = cpu_seconds(pid)
             single[name] = load(server.target, 1, args.clients, args.seconds, connections=4)
+            used = cpu_seconds(pid) - started
+            cpu[name, 1] = used / (single[name]["images_per_s"] * args.seconds) * 1e6
             print(f"{name}: batch {BATCH}, {BATCH_CLIENTS} clients ...", file=sys.stderr)
+            started = cpu_seconds(pid)
             batch[name] = load(server.target, BATCH, BATCH_CLIENTS, args.seconds)
+            used = cpu_seconds(pid) - started
+            cpu[name, BATCH] = used / (batch[name]["images_per_s"] * args.seconds) * 1e6
         finally:
             server.stop()
+    for (name, size), micros in cpu.items():
+        print(f"  server CPU per image, {name}, {size} per call: {micros:.1f} us", file=sys.stderr)
     rows: list[Row] = []
     off_single, off_batch = single["off"], batch["off"]
     for name, (first, second), target in (
@@ -51,6 +70,15 @@ def run(args: argparse.Namespace) -> list[Row]:
             row(second, f"{name}: batch-{BATCH} uint8, {BATCH_CLIENTS} clients: images/s / "
                 "off images/s", batch[name], "both off", off_batch,
                 batch[name]["images_per_s"] / off_batch["images_per_s"], target)
+        )  # fmt: skip
+    on = "drift + feedback window"
+    for label, size, stats, off_stats in (
+        ("D3", 1, single, off_single),
+        ("D4", BATCH, batch, off_batch),
+    ):
+        rows.append(
+            row(label, f"{on}: server CPU us per image, {size} per call / off (lower is better)",
+                stats[on], "both off", off_stats, cpu[on, size] / cpu["off", size], None)
         )  # fmt: skip
     return rows
 
