@@ -5,7 +5,9 @@ One server per setting, the same load on each (single images from `--clients` cl
 batch-256 requests from 4 clients), each figure divided by the same figure with both off:
   D0a/D0b  both off again, run last: how far two identical runs differ on this machine
   D1/D2    drift signals and the feedback window on (the defaults)
-  D3/D4    the server process's CPU time per image (user + system, from /proc) on, over off:
+  D5/D6    the same with --drift-sample-rate 0.1 (one call in ten reaches the drift windows)
+  D3/D4    the server process's CPU time per image (user + system, from /proc) on, over off
+           (D7/D8: sampled 0.1):
            less sensitive than throughput to other processes on a shared machine, and
            what the work on the call path costs (target: <= 1/0.97 = 1.03)
 """
@@ -33,7 +35,12 @@ def cpu_seconds(pid: int) -> float:
 
 
 def run(args: argparse.Namespace) -> list[Row]:
-    settings = {"off": OFF, "drift + feedback window": [], "off again": OFF}
+    settings = {
+        "off": OFF,
+        "drift + feedback window": [],
+        "drift sampled 0.1": ["--drift-sample-rate", "0.1"],
+        "off again": OFF,
+    }
     single: dict[str, Stats] = {}
     batch: dict[str, Stats] = {}
     cpu: dict[tuple[str, int], float] = {}  # (setting, images per call) -> CPU us per image
@@ -60,6 +67,7 @@ def run(args: argparse.Namespace) -> list[Row]:
     for name, (first, second), target in (
         ("off again", ("D0a", "D0b"), None),
         ("drift + feedback window", ("D1", "D2"), 0.97),
+        ("drift sampled 0.1", ("D5", "D6"), 0.97),
     ):
         rows.append(
             row(first, f"{name}: 1 image, {args.clients} clients: req/s / off req/s",
@@ -71,10 +79,11 @@ def run(args: argparse.Namespace) -> list[Row]:
                 "off images/s", batch[name], "both off", off_batch,
                 batch[name]["images_per_s"] / off_batch["images_per_s"], target)
         )  # fmt: skip
-    on = "drift + feedback window"
-    for label, size, stats, off_stats in (
-        ("D3", 1, single, off_single),
-        ("D4", BATCH, batch, off_batch),
+    for label, on, size, stats, off_stats in (
+        ("D3", "drift + feedback window", 1, single, off_single),
+        ("D4", "drift + feedback window", BATCH, batch, off_batch),
+        ("D7", "drift sampled 0.1", 1, single, off_single),
+        ("D8", "drift sampled 0.1", BATCH, batch, off_batch),
     ):
         rows.append(
             row(label, f"{on}: server CPU us per image, {size} per call / off (lower is better)",

@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -232,12 +233,15 @@ class Quality:
         self.size = settings.drift_window
         self.min_images = settings.drift_min_images
         self.interval = settings.drift_interval
+        self.sample_rate = settings.drift_sample_rate
         self.registry = registry
         # version -> its window, or None for a version without a (valid) reference.
         self._windows: dict[int, VersionWindow | None] = {}
         self._errors = RateLimitedLog(logger, ERROR_LOG_INTERVAL)
 
     def observe(self, call: Call, images: np.ndarray, prediction: Prediction, version: int) -> None:
+        if self.sample_rate < 1.0 and random.random() >= self.sample_rate:
+            return
         try:
             window = self._windows[version]
         except KeyError:

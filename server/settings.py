@@ -240,6 +240,14 @@ class Settings(BaseSettings):
         description="images in the sliding window of live traffic that the drift gauges "
         "compare with each version's training reference (per worker)",
     )
+    drift_sample_rate: float = Field(
+        1.0,
+        gt=0,
+        le=1,
+        description="the share of calls whose images the drift signals see (each call drawn "
+        "at random): lower it to cut their cost on a CPU-bound server; the windows then span "
+        "longer",
+    )
     drift_min_images: int = Field(
         1000,
         ge=1,

@@ -535,3 +535,32 @@ def test_workers_show_drift_and_join_feedback_sent_on_the_same_channel(
         assert value(samples, "mnist_feedback_total", version="1") == WINDOW
         correct = value(samples, "mnist_feedback_correct_total", version="1")
         assert correct >= 0.95 * WINDOW
+
+
+def test_drift_sample_rate_leaves_unsampled_calls_out() -> None:
+    """--drift-sample-rate: a call not drawn never reaches a window; at 1.0 every one does."""
+    from types import SimpleNamespace
+
+    from mnist_serving.server.quality import Quality
+    from mnist_serving.server.settings import Settings
+
+    rng = np.random.default_rng(2)
+    reference = build_reference(
+        rng.integers(0, 256, (100, 28, 28), dtype=np.uint8),
+        rng.integers(0, 10, 100),
+        rng.dirichlet(np.ones(10), 100),
+    )
+    version = 987655
+    served = SimpleNamespace(
+        version=version, model=SimpleNamespace(report={"reference": reference})
+    )
+    registry: Any = SimpleNamespace(served=[served])
+    images = rng.integers(0, 256, (3, 28, 28), dtype=np.uint8)
+    prediction = _prediction(rng, 3)
+    call = Call("native", "Predict", request_id="r")
+    for rate, held in ((1e-12, 0), (1.0, 60)):
+        quality = Quality(Settings.model_validate({"drift_sample_rate": rate}), registry)
+        for _ in range(20):
+            quality.observe(call, images, prediction, version)
+        window = quality._windows.get(version)
+        assert (0 if window is None else window.images) == held
