@@ -564,3 +564,55 @@ def test_drift_sample_rate_leaves_unsampled_calls_out() -> None:
             quality.observe(call, images, prediction, version)
         window = quality._windows.get(version)
         assert (0 if window is None else window.images) == held
+
+
+def test_an_unloaded_version_leaves_the_page() -> None:
+    """Gauges appear at --drift-min-images; once the version is no longer served, the next
+    refresh takes them off (and a version without reference never gets any)."""
+    from types import SimpleNamespace
+
+    from prometheus_client import REGISTRY
+
+    from mnist_serving.server.quality import Quality
+    from mnist_serving.server.settings import Settings
+
+    rng = np.random.default_rng(3)
+    reference = build_reference(
+        rng.integers(0, 256, (100, 28, 28), dtype=np.uint8),
+        rng.integers(0, 10, 100),
+        rng.dirichlet(np.ones(10), 100),
+    )
+    with_reference, without = 987656, 987657
+    registry: Any = SimpleNamespace(
+        served=[
+            SimpleNamespace(
+                version=with_reference, model=SimpleNamespace(report={"reference": reference})
+            ),
+            SimpleNamespace(version=without, model=SimpleNamespace(report={})),
+        ]
+    )
+    quality = Quality(
+        Settings.model_validate({"drift_window": 100, "drift_min_images": 100}), registry
+    )
+    images = rng.integers(0, 256, (50, 28, 28), dtype=np.uint8)
+    prediction = _prediction(rng, 50)
+    call = Call("native", "Predict", request_id="r")
+
+    def gauge(version: int) -> float | None:
+        found: float | None = REGISTRY.get_sample_value(
+            "mnist_class_mix_divergence", {"version": str(version)}
+        )
+        return found
+
+    for version in (with_reference, without):
+        quality.observe(call, images, prediction, version)
+    quality.refresh()
+    assert gauge(with_reference) is None  # 50 images: fewer than --drift-min-images
+    for version in (with_reference, without):
+        quality.observe(call, images, prediction, version)
+    quality.refresh()
+    assert gauge(with_reference) is not None
+    assert gauge(without) is None
+    registry.served = registry.served[1:]
+    quality.refresh()
+    assert gauge(with_reference) is None
