@@ -29,6 +29,7 @@ from .errors import StartupError
 from .listener import ConnectionLimits, HttpListener, metrics_application
 from .observers import Observer
 from .prediction_log import PredictionLog
+from .quality import Quality
 from .settings import Settings
 from .versions import ModelRegistry
 
@@ -161,9 +162,11 @@ class ModelServer:
             initargs=(settings.batch_nice,),
         )
         self.registry = ModelRegistry(settings, self._inference, self._batch_inference)
-        # What watches every answer (server/observers.py).
+        # What watches every answer (server/observers.py): drift signals against each
+        # version's training reference (server/quality.py) and the prediction log.
+        self.quality = Quality(settings, self.registry)
         self.prediction_log = PredictionLog.from_settings(settings, self._reference_of)
-        observers: list[Observer] = []
+        observers: list[Observer] = [self.quality] if settings.drift else []
         if self.prediction_log is not None:
             observers.append(self.prediction_log)
         self.core = InferenceCore(self.registry, settings, observers)
@@ -209,6 +212,7 @@ class ModelServer:
         )
         self._metrics_http: HttpListener | None = None
         self._poller: asyncio.Task[None] | None = None
+        self._drift: asyncio.Task[None] | None = None
         self.port = self.http_port = self.health_port = 0
         self.metrics_port: int | None = None
         self._serving = False
@@ -244,6 +248,8 @@ class ModelServer:
         self.core.ready = self._serving = True
         if self.settings.poll_interval > 0:
             self._poller = asyncio.get_running_loop().create_task(self.registry.poll())
+        if self.settings.drift:
+            self._drift = asyncio.get_running_loop().create_task(self.quality.run())
         self._log_serving()
 
     async def _say(self, status: Any, *services: str) -> None:
@@ -354,6 +360,10 @@ class ModelServer:
         await asyncio.gather(self._grpc.stop(STREAM_GRACE_SECONDS), self._http.stop())
         if self._health_grpc is not None:
             await self._health_grpc.stop(0)
+        if self._drift is not None:
+            self._drift.cancel()
+            await asyncio.gather(self._drift, return_exceptions=True)
+        self.quality.close()  # the last images reach the histograms
         await self.registry.close()
         if self._metrics_http is not None:
             await self._metrics_http.stop()

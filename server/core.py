@@ -6,6 +6,7 @@ Knows no proto: servicers translate their messages into these arguments and back
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -15,12 +16,14 @@ from mnist_serving.contract import NUM_CLASSES
 
 from .call_context import admit_images, current_call
 from .errors import ModelNotFound, NotReady
+from .feedback import FeedbackLabel, FeedbackOutcome, RecentPredictions, check_labels
 from .observers import Observer
 from .runtimes.base import Prediction
 from .settings import Settings
 from .validation import decode_images
 from .versions import ModelRegistry
 
+logger = logging.getLogger(__name__)
 CLASS_LABELS = tuple(str(digit) for digit in range(NUM_CLASSES))
 
 
@@ -42,12 +45,18 @@ class VersionReport:
 
 class InferenceCore:
     def __init__(
-        self, registry: ModelRegistry, settings: Settings, observers: Sequence[Observer] = ()
+        self,
+        registry: ModelRegistry,
+        settings: Settings,
+        observers: Sequence[Observer] = (),
+        recent: RecentPredictions | None = None,
     ) -> None:
         self.registry = registry
         self.settings = settings
+        # The recent predictions that feedback labels are joined to (an observer too).
+        self.recent = recent or RecentPredictions(settings.feedback_window)
         # What watches every answer (server/observers.py): drift, feedback, prediction log.
-        self.observers = tuple(observers)
+        self.observers = (self.recent, *observers)
         # Whether the server takes inference requests: app.py sets it once serving and
         # clears it at shutdown; the readiness answers of every API follow it.
         self.ready = False
@@ -79,6 +88,19 @@ class InferenceCore:
         for observer in self.observers:
             observer.observe(call, images, prediction, served.version)
         return Answer(prediction, self.registry.name, served.version)
+
+    def feedback(self, labels: Sequence[FeedbackLabel]) -> FeedbackOutcome:
+        """Join callers' true labels to the predictions they are about (INVALID_ARGUMENT
+        for a malformed batch); the observers hear of the accepted ones."""
+        check_labels(labels)
+        outcome = self.recent.join(labels)
+        if outcome.labelled:
+            for observer in self.observers:
+                try:
+                    observer.feedback(outcome.labelled)
+                except Exception:  # an observer's failure is its own, never the caller's
+                    logger.exception("an observer failed on feedback")
+        return outcome
 
     def versions(self, model_name: str = "") -> list[VersionReport]:
         """Loaded versions, newest first, with the training report of each."""

@@ -45,6 +45,11 @@ from prometheus_client.mmap_dict import MmapedDict
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
 from mnist_serving.contract import NUM_CLASSES
+from mnist_serving.contract.reference import (
+    CONFIDENCE_EDGES,
+    INK_FRACTION_EDGES,
+    MEAN_INTENSITY_EDGES,
+)
 
 NAMESPACE = "mnist"
 # The *_created series double what an operator scrapes and graph nothing useful here.
@@ -190,6 +195,121 @@ HTTP_CONNECTIONS_CLOSED = Counter(
     ["reason"], namespace=NAMESPACE,
 )  # fmt: skip
 
+
+# Model quality (server/quality.py, server/feedback.py; docs/operations/model-quality.md).
+# The histograms count every observed image since start-up (rate() over them is a window);
+# the gauges compare each worker's sliding window of recent images with the version's
+# training reference. Buckets are the reference's edges (contract/reference.py).
+PREDICTION_CONFIDENCE = Histogram(
+    "prediction_confidence", "Top probability of each prediction, by model version.",
+    ["version"], namespace=NAMESPACE, buckets=CONFIDENCE_EDGES[1:-1],
+)  # fmt: skip
+INPUT_MEAN_INTENSITY = Histogram(
+    "input_mean_intensity", "Mean pixel of each input image in [0, 1], by model version.",
+    ["version"], namespace=NAMESPACE, buckets=MEAN_INTENSITY_EDGES[1:-1],
+)  # fmt: skip
+INPUT_INK_FRACTION = Histogram(
+    "input_ink_fraction", "Share of each input image's pixels above 0.5, by model version.",
+    ["version"], namespace=NAMESPACE, buckets=INK_FRACTION_EDGES[1:-1],
+)  # fmt: skip
+
+
+class DriftGauge(SeriesGauge):
+    """A drift gauge: per version, present only once a window holds enough images.
+
+    Its real values are >= 0 (and 0 is a real value: no low-confidence answer at all), so
+    in multiprocess mode a removed or not-yet-known series is set to ABSENT (-1) instead of
+    SeriesGauge's 0: "livemax" picks any worker's real value over it, and exposition()
+    leaves a series that no live worker knows off the page.
+    """
+
+    ABSENT = -1.0
+
+    def remove(self, *labelvalues: Any) -> None:
+        if not multiprocess_dir():
+            super().remove(*labelvalues)
+            return
+        self.labels(*labelvalues).set(self.ABSENT)
+        with self._lock:
+            self._metrics.pop(tuple(str(value) for value in labelvalues), None)
+
+
+CLASS_MIX_DIVERGENCE = DriftGauge(
+    "class_mix_divergence",
+    "Jensen-Shannon divergence (bits, 0..1) of the predicted class mix in the recent window "
+    "from the version's predicted mix on the test set (the largest over the workers).",
+    ["version"], namespace=NAMESPACE, multiprocess_mode="livemax",
+)  # fmt: skip
+CONFIDENCE_DIVERGENCE = DriftGauge(
+    "confidence_divergence",
+    "Jensen-Shannon divergence (bits, 0..1) of the recent window's top-probability histogram "
+    "from the test set's (the largest over the workers).",
+    ["version"], namespace=NAMESPACE, multiprocess_mode="livemax",
+)  # fmt: skip
+LOW_CONFIDENCE_RATE = DriftGauge(
+    "low_confidence_rate",
+    "Share of the recent window's predictions whose top probability is below the "
+    "reference's threshold (0.5) (the largest over the workers).",
+    ["version"], namespace=NAMESPACE, multiprocess_mode="livemax",
+)  # fmt: skip
+INPUT_MEAN_INTENSITY_DIVERGENCE = DriftGauge(
+    "input_mean_intensity_divergence",
+    "Jensen-Shannon divergence (bits, 0..1) of the recent window's mean-intensity histogram "
+    "from the training images' (the largest over the workers).",
+    ["version"], namespace=NAMESPACE, multiprocess_mode="livemax",
+)  # fmt: skip
+INPUT_INK_FRACTION_DIVERGENCE = DriftGauge(
+    "input_ink_fraction_divergence",
+    "Jensen-Shannon divergence (bits, 0..1) of the recent window's ink-fraction histogram "
+    "from the training images' (the largest over the workers).",
+    ["version"], namespace=NAMESPACE, multiprocess_mode="livemax",
+)  # fmt: skip
+DRIFT_WINDOW_IMAGES = SeriesGauge(
+    "drift_window_images",
+    "Images in the recent windows the drift gauges are computed over (summed over workers).",
+    ["version"], namespace=NAMESPACE, multiprocess_mode="livesum",
+)  # fmt: skip
+DRIFT_GAUGES = (
+    CLASS_MIX_DIVERGENCE,
+    CONFIDENCE_DIVERGENCE,
+    LOW_CONFIDENCE_RATE,
+    INPUT_MEAN_INTENSITY_DIVERGENCE,
+    INPUT_INK_FRACTION_DIVERGENCE,
+)
+FEEDBACK_LABELS = Counter(
+    "feedback_labels",
+    "Feedback labels received, by result: accepted (joined to a remembered prediction), "
+    "unknown (an unknown or forgotten request ID or index), duplicate (already labelled).",
+    ["result"], namespace=NAMESPACE,
+)  # fmt: skip
+for _result in ("accepted", "unknown", "duplicate"):
+    FEEDBACK_LABELS.labels(_result)  # every result on the page from the start, at 0
+FEEDBACK = Counter(
+    "feedback", "Accepted feedback labels, by the model version that made the prediction.",
+    ["version"], namespace=NAMESPACE,
+)  # fmt: skip
+FEEDBACK_CORRECT = Counter(
+    "feedback_correct",
+    "Accepted feedback labels that the prediction got right; live accuracy is "
+    "rate(mnist_feedback_correct_total) / rate(mnist_feedback_total).",
+    ["version"], namespace=NAMESPACE,
+)  # fmt: skip
+
+
+def add_to_histogram(child: Any, bucket_counts: np.ndarray, total: float) -> None:
+    """Add many observations to one histogram series at once: per-bucket counts (one per
+    bucket, +Inf last) and the sum of the values. prometheus_client observes one value at a
+    time; the drift signals count thousands per second, so they add counts in bulk to the
+    same values (single process or multiprocess files) observe() would."""
+    buckets = child._buckets
+    if len(bucket_counts) != len(buckets):
+        raise ValueError(f"{len(bucket_counts)} bucket counts for {len(buckets)} buckets")
+    for value, count in zip(buckets, bucket_counts.tolist(), strict=True):
+        if count:
+            value.inc(count)
+    child._sum.inc(total)
+
+
 _CLASS_LABELS = [str(digit) for digit in range(NUM_CLASSES)]
 _CLASS_CHILDREN = [PREDICTED_CLASS.labels(label) for label in _CLASS_LABELS]
 
@@ -216,7 +336,10 @@ class _WholeServer:
     def __init__(self, path: str) -> None:
         self._path = path
         self._files = MultiProcessCollector(None, path)
-        self._series_gauges = {gauge._name for gauge in (MODEL_VERSION, MODEL_LOAD_SECONDS)}
+        self._series_gauges = {
+            gauge._name for gauge in (MODEL_VERSION, MODEL_LOAD_SECONDS, DRIFT_WINDOW_IMAGES)
+        }
+        self._drift_gauges = {gauge._name for gauge in DRIFT_GAUGES}
 
     def collect(self) -> Iterator[Any]:
         with folder_lock(self._path, fcntl.LOCK_SH):
@@ -224,6 +347,10 @@ class _WholeServer:
         for family in families:
             if family.name in self._series_gauges:
                 family.samples = [s for s in family.samples if s.value != 0]
+                if not family.samples:
+                    continue
+            elif family.name in self._drift_gauges:
+                family.samples = [s for s in family.samples if s.value >= 0]
                 if not family.samples:
                     continue
             yield family

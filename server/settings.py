@@ -290,6 +290,47 @@ class Settings(BaseSettings):
         "headers arrived; then it gets 408 and the connection is closed",
     )
 
+    drift: bool = Field(
+        True,
+        description="drift signals: compare recent traffic with each version's training "
+        "reference (gauges and histograms on /metrics)",
+    )
+    drift_window: int = Field(
+        10000,
+        ge=100,
+        le=1_000_000,
+        description="images in the sliding window of live traffic that the drift gauges "
+        "compare with each version's training reference (per worker)",
+    )
+    drift_sample_rate: float = Field(
+        1.0,
+        gt=0,
+        le=1,
+        description="the share of calls whose images the drift signals see (each call drawn "
+        "at random): lower it to cut their cost on a CPU-bound server; the windows then span "
+        "longer",
+    )
+    drift_min_images: int = Field(
+        1000,
+        ge=1,
+        description="images a version's window must hold before its drift gauges are shown "
+        "(a handful of images is not a distribution)",
+    )
+    drift_interval: float = Field(
+        1.0,
+        gt=0,
+        le=60,
+        description="seconds between updates of the drift gauges and histograms (the call "
+        "path only records each call's statistics)",
+    )
+    feedback_window: int = Field(
+        100000,
+        ge=0,
+        le=10_000_000,
+        description="recent predictions (images, per worker) that feedback labels can be "
+        "joined to; older ones are forgotten, and their labels answered unknown. 0: off",
+    )
+
     @field_validator("workers", mode="before")
     @classmethod
     def _auto_workers(cls, value: object) -> object:
@@ -325,6 +366,8 @@ class Settings(BaseSettings):
             raise ValueError("version_policy 'specific' needs --versions, e.g. --versions 1,2")
         if any(v < 1 for v in self.versions):
             raise ValueError("versions are positive integers")
+        if self.drift_min_images > self.drift_window:
+            raise ValueError("drift_min_images must not exceed drift_window")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("TLS needs both --tls-cert and --tls-key")
         if self.metrics_auth and self.auth_keys is None:

@@ -90,6 +90,17 @@ METRICS: dict[str, tuple[str, frozenset[str]]] = {
     "mnist_predicted_class_total": ("counter", frozenset({"class"})),
     "mnist_auth_failures_total": ("counter", frozenset({"reason"})),
     "mnist_rate_limited_total": ("counter", frozenset({"caller", "limit"})),
+    "mnist_prediction_confidence": ("histogram", frozenset({"version"})),
+    "mnist_input_mean_intensity": ("histogram", frozenset({"version"})),
+    "mnist_input_ink_fraction": ("histogram", frozenset({"version"})),
+    "mnist_class_mix_divergence": ("gauge", frozenset({"version"})),
+    "mnist_confidence_divergence": ("gauge", frozenset({"version"})),
+    "mnist_low_confidence_rate": ("gauge", frozenset({"version"})),
+    "mnist_input_mean_intensity_divergence": ("gauge", frozenset({"version"})),
+    "mnist_input_ink_fraction_divergence": ("gauge", frozenset({"version"})),
+    "mnist_feedback_total": ("counter", frozenset({"version"})),
+    "mnist_feedback_correct_total": ("counter", frozenset({"version"})),
+    "mnist_feedback_labels_total": ("counter", frozenset({"result"})),
 }
 # Labels Prometheus itself attaches to every scraped series.
 TARGET_LABELS = frozenset({"instance", "job"})

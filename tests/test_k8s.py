@@ -824,11 +824,19 @@ REQUIRED_ALERTS = {
     "MnistServingShedding",
     "MnistServingNoModelLoaded",
 }
+# Model quality (tests/test_drift.py checks their thresholds against a real server).
+DRIFT_ALERTS = {
+    "MnistServingClassMixDrift": "mnist_class_mix_divergence",
+    "MnistServingConfidenceDrift": "mnist_confidence_divergence",
+    "MnistServingLowConfidence": "mnist_low_confidence_rate",
+    "MnistServingInputIntensityDrift": "mnist_input_mean_intensity_divergence",
+    "MnistServingInputInkDrift": "mnist_input_ink_fraction_divergence",
+}
 
 
 def test_alerts_cover_errors_latency_shedding_and_no_model() -> None:
     rules = alert_rules()
-    assert set(rules) == REQUIRED_ALERTS
+    assert set(rules) == REQUIRED_ALERTS | set(DRIFT_ALERTS)
     for name, rule in rules.items():
         assert rule["labels"]["severity"] in {"warning", "critical"}, name
         assert rule["annotations"]["summary"], name
@@ -966,3 +974,49 @@ def test_promtool_fires_the_alerts_on_known_series(tmp_path: Path) -> None:
         [promtool(), "test", "rules", str(path)], capture_output=True, text=True, check=False
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_promtool_fires_the_drift_alerts_per_version(tmp_path: Path) -> None:
+    """Each drift alert fires for the version whose gauge stays over its threshold for the
+    rule's `for`, from any worker's series (max by version), and not for a version below."""
+    rules = alert_rules()
+    input_series = []
+    checks = []
+    for alert, gauge in DRIFT_ALERTS.items():
+        limit = float(threshold_of(rules[alert]["expr"]))
+        input_series += [
+            # Version 2 drifts in one of its two workers; version 1 stays just below.
+            {"series": f'{gauge}{{version="2",pid="10"}}', "values": f"{limit / 2}x80"},
+            {"series": f'{gauge}{{version="2",pid="11"}}', "values": f"{limit * 2}x80"},
+            {"series": f'{gauge}{{version="1",pid="10"}}', "values": f"{limit * 0.9}x80"},
+        ]
+        fired = {
+            "exp_labels": {**rules[alert]["labels"], "version": "2"},
+            "exp_annotations": {
+                key: text.replace("{{ $labels.version }}", "2")
+                .replace('{{ printf "%.3f" $value }}', f"{limit * 2:.3f}")
+                .replace("{{ $value | humanizePercentage }}", f"{limit * 200:.4g}%")
+                for key, text in rules[alert]["annotations"].items()
+            },
+        }
+        checks += [
+            {"eval_time": "10m", "alertname": alert, "exp_alerts": []},  # pending (for: 15m)
+            {"eval_time": "19m", "alertname": alert, "exp_alerts": [fired]},
+        ]
+    tests = {
+        "rule_files": [str(rule_file(tmp_path))],
+        "evaluation_interval": "15s",
+        "tests": [{"interval": "15s", "input_series": input_series, "alert_rule_test": checks}],
+    }
+    path = tmp_path / "tests.yml"
+    path.write_text(yaml.safe_dump(tests), encoding="utf-8")
+    result = subprocess.run(
+        [promtool(), "test", "rules", str(path)], capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def threshold_of(expr: str) -> str:
+    match = re.fullmatch(r".*>\s*([\d.]+)", expr.strip(), flags=re.DOTALL)
+    assert match, f"no trailing threshold: {expr}"
+    return match.group(1)

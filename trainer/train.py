@@ -14,6 +14,7 @@ import numpy as np
 import numpy.typing as npt
 
 from mnist_serving.contract import next_version
+from mnist_serving.contract.reference import REFERENCE_KEY, build_reference
 from mnist_serving.contract.tfquiet import import_tensorflow
 
 from . import report
@@ -125,6 +126,8 @@ def train_and_export(config: TrainConfig, dataset: Dataset) -> TrainResult:
         "validation_split": VALIDATION_SPLIT,
         "early_stopping": config.early_stopping,
         "best_epoch": stopper.best_epoch + 1 if stopper is not None else None,
+        # What the server compares live traffic with (drift signals; contract/reference.py).
+        REFERENCE_KEY: build_reference(dataset.x_train, dataset.y_train, probabilities),
     }
 
     def write_extras(folder: Path) -> None:

@@ -19,7 +19,7 @@ from ..call_context import ONLINE
 from ..core import InferenceCore
 from ..listener import guarded_metrics_page
 from ..settings import Settings
-from . import cors, openapi, rest, tfserving_rest, ui, v2_rest
+from . import cors, feedback_rest, openapi, rest, tfserving_rest, ui, v2_rest
 from .calls import CallPath
 
 logger = logging.getLogger(__name__)
@@ -66,6 +66,7 @@ def application(
         [
             *tfserving_rest.routes(core, binding),
             *v2_rest.routes(core, binding),
+            *feedback_rest.routes(core, binding),
             web.get("/metrics", guarded_metrics_page(path.auth)),
             *openapi.routes(),
         ]

@@ -10,6 +10,7 @@ from mnist_serving.contract import IMAGE_SIDE, INPUT_NAME, NUM_CLASSES, OUTPUTS
 from mnist_serving.protos.mnist.v1 import predict_pb2 as pb
 
 from ..core import CLASS_LABELS, InferenceCore
+from ..feedback import FeedbackLabel
 from .rpc import Handlers, RpcBinding
 
 PROBABILITIES, CLASSES = OUTPUTS
@@ -95,4 +96,17 @@ class MnistServicer:
             outputs=_OUTPUTS,
             class_labels=CLASS_LABELS,
             max_images_per_request=self.core.settings.max_images_per_request,
+        )
+
+    async def Feedback(
+        self, request: pb.FeedbackRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.FeedbackResponse:
+        outcome = self.core.feedback(
+            [FeedbackLabel(item.request_id, item.index, item.label) for item in request.labels]
+        )
+        return pb.FeedbackResponse(
+            accepted=outcome.accepted,
+            unknown=outcome.unknown,
+            duplicate=outcome.duplicate,
+            unknown_indices=outcome.unknown_indices,
         )

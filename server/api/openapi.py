@@ -38,6 +38,7 @@ from ..errors import (
     ShuttingDown,
     Unauthenticated,
 )
+from ..feedback import MAX_LABELS, MAX_REQUEST_ID
 from . import rest
 from . import v2_codec as codec
 
@@ -229,6 +230,53 @@ def schemas() -> dict[str, Schema]:
             "description": "Every error of the HTTP port, as TF Serving and KServe answer",
             "required": ["error"],
             "properties": {"error": {"type": "string", "description": "what went wrong"}},
+            "additionalProperties": False,
+        },
+        "FeedbackRequest": {
+            "type": "object",
+            "required": ["labels"],
+            "properties": {
+                "labels": {
+                    "type": "array",
+                    "minItems": 1,
+                    "maxItems": MAX_LABELS,
+                    "items": {
+                        "type": "object",
+                        "required": ["request_id", "label"],
+                        "properties": {
+                            "request_id": {
+                                "type": "string",
+                                "minLength": 1,
+                                "maxLength": MAX_REQUEST_ID,
+                                "description": "the X-Request-Id of the prediction's answer",
+                            },
+                            "index": {
+                                "type": "integer",
+                                "minimum": 0,
+                                "default": 0,
+                                "description": "the image's position in that call",
+                            },
+                            "label": {**digit, "description": "the true class"},
+                        },
+                        "additionalProperties": False,
+                    },
+                }
+            },
+            "additionalProperties": False,
+        },
+        "FeedbackResponse": {
+            "type": "object",
+            "required": ["accepted", "unknown", "duplicate", "unknown_indices"],
+            "properties": {
+                "accepted": {"type": "integer", "minimum": 0},
+                "unknown": {"type": "integer", "minimum": 0},
+                "duplicate": {"type": "integer", "minimum": 0},
+                "unknown_indices": {
+                    "type": "array",
+                    "items": {"type": "integer", "minimum": 0},
+                    "description": "positions in labels of the unknown ones",
+                },
+            },
             "additionalProperties": False,
         },
         "Pixel": {
@@ -599,6 +647,33 @@ def tfserving_paths() -> dict[str, Any]:
     return paths
 
 
+def feedback_paths() -> dict[str, Any]:
+    body = {
+        "required": True,
+        "content": json_content(
+            ref("FeedbackRequest"),
+            {"labels": [{"request_id": "5f0c2a9e1b7d4c3a00000001", "index": 0, "label": 7}]},
+        ),
+    }
+    return {
+        "/v1/feedback": {
+            "post": operation(
+                "Feedback",
+                "feedback",
+                "True labels for predictions this server made (live accuracy)",
+                ok("How many labels were joined to a remembered prediction", "FeedbackResponse"),
+                (InvalidInput, RequestTooLarge, *ALWAYS),
+                body=body,
+                description="Each label names a prediction by the request ID its answer "
+                "carried (X-Request-Id) and the image's position in that call. A prediction "
+                "older than the server's window (--feedback-window), or made by another "
+                "worker, is unknown; a second label for one image is a duplicate. At most "
+                f"{MAX_LABELS} labels per call.",
+            )
+        }
+    }
+
+
 def v2_paths() -> dict[str, Any]:
     tag = "KServe v2 REST"
     example_input = {
@@ -784,12 +859,14 @@ def document() -> dict[str, Any]:
                 "description": "The Open Inference Protocol (/v2), with the binary tensor "
                 "data extension",
             },
+            {"name": "Feedback", "description": "Ground-truth labels for past predictions"},
             {"name": "Health", "description": "Liveness and readiness"},
             {"name": "Metrics", "description": "Prometheus metrics"},
         ],
         "paths": {
             **tfserving_paths(),
             **v2_paths(),
+            **feedback_paths(),
             "/metrics": {
                 "get": {
                     "tags": ["Metrics"],
