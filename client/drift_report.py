@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -31,13 +30,16 @@ import numpy as np
 import numpy.typing as npt
 
 from mnist_serving.contract import NUM_CLASSES
+from mnist_serving.contract.reference import (
+    CONFIDENCE_EDGES,
+    LOW_CONFIDENCE_THRESHOLD,
+    bin_counts,
+    js_divergence,
+)
 
 from .errors import InputFileError
 from .predictionlog import PredictionLog, Records
 
-# The server's (contract/reference.py): used where a version has no reference.
-CONFIDENCE_EDGES = (0.0, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 0.999, 1.0)
-LOW_CONFIDENCE_THRESHOLD = 0.5
 # A bucket with fewer images gets no divergence: on a small sample it is mostly noise.
 DEFAULT_MIN_BUCKET_IMAGES = 50
 MAX_BUCKETS = 48
@@ -47,28 +49,6 @@ _US = 1_000_000
 
 
 # --- the numbers --------------------------------------------------------------------------------
-
-
-def js_divergence(p: Sequence[float] | np.ndarray, q: Sequence[float] | np.ndarray) -> float:
-    """Jensen-Shannon divergence of two distributions (counts or shares), in bits: 0 to 1."""
-    a = np.asarray(p, dtype=np.float64)
-    b = np.asarray(q, dtype=np.float64)
-    a = a / a.sum() if a.sum() else a
-    b = b / b.sum() if b.sum() else b
-    m = (a + b) / 2
-
-    def kl(x: npt.NDArray[np.float64]) -> float:
-        present = x > 0
-        return float(np.sum(x[present] * np.log2(x[present] / m[present])))
-
-    return max(0.0, (kl(a) + kl(b)) / 2)
-
-
-def bin_counts(values: np.ndarray, edges: Sequence[float]) -> npt.NDArray[np.int64]:
-    """Counts per bin (edges[i], edges[i+1]], the first closed below, the last open above:
-    Prometheus' `le` buckets, as the server counts them."""
-    index = np.searchsorted(np.asarray(edges[1:-1], np.float64), values, side="left")
-    return np.bincount(index, minlength=len(edges) - 1).astype(np.int64)
 
 
 def class_counts(classes: np.ndarray) -> npt.NDArray[np.int64]:

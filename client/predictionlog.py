@@ -26,6 +26,7 @@ import numpy as np
 import numpy.typing as npt
 
 from mnist_serving.contract import NUM_CLASSES
+from mnist_serving.contract.reference import input_statistics
 
 from .errors import InputFileError
 
@@ -36,7 +37,6 @@ FEEDBACK_GLOB = "feedback-*.parquet"
 REFERENCE_NAME = re.compile(r"reference-v(\d+)\.json")
 PREDICTION_COLUMNS = ("time", "request_id", "index", "model_version", "predicted", "confidence")
 PIXELS = 28 * 28
-INK_THRESHOLD = 127  # a pixel is ink above half of full scale, as in the reference
 FEEDBACK_COLUMNS = ("time", "request_id", "index", "label", "model_version", "predicted")
 
 
@@ -189,9 +189,7 @@ def _input_statistics(table: Any) -> tuple[npt.NDArray[np.float32], npt.NDArray[
     if np.any(np.diff(offsets) != PIXELS):
         raise ValueError(f"column 'input' holds values that are not {PIXELS} bytes")
     data = np.frombuffer(values.buffers()[2], np.uint8)[offsets[0] : offsets[-1]]
-    pixels = data.reshape(-1, PIXELS)
-    mean[present] = pixels.sum(axis=1, dtype=np.uint32) / np.float32(255 * PIXELS)
-    ink[present] = np.count_nonzero(pixels > INK_THRESHOLD, axis=1) / np.float32(PIXELS)
+    mean[present], ink[present] = input_statistics(data.reshape(-1, PIXELS))
     return mean, ink
 
 

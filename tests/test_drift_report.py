@@ -16,14 +16,9 @@ import numpy as np
 import pytest
 
 from mnist_serving.client.__main__ import main
-from mnist_serving.client.drift_report import (
-    auto_bucket,
-    bin_counts,
-    build_report,
-    js_divergence,
-    parse_bucket,
-)
+from mnist_serving.client.drift_report import auto_bucket, build_report, parse_bucket
 from mnist_serving.client.predictionlog import read_log
+from mnist_serving.contract.reference import bin_counts, js_divergence
 
 pa = pytest.importorskip("pyarrow")
 pq = pytest.importorskip("pyarrow.parquet")
