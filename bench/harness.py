@@ -19,6 +19,7 @@ import asyncio
 import json
 import os
 import re
+import statistics
 import subprocess
 import sys
 import time
@@ -406,6 +407,105 @@ def write_json(path: Path, rows: Iterable[Row], settings: dict[str, Any]) -> Non
 
 
 TOKEN_ENV = "MNIST_BENCH_TOKEN"  # how load() hands an API key to its generators
+
+
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU time of a process so far, all its threads (from /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+# --- settings against off, in alternating rounds ------------------------------------------
+
+BATCH = 256
+BATCH_CLIENTS = 4
+SHAPES = ((1, "req_per_s"), (BATCH, "images_per_s"))  # single images; batch-256
+
+
+@dataclass
+class Rounds:
+    """What `rounds()` measured: per setting and shape (1 or BATCH images per call), the
+    load figures and the server's CPU seconds per image, one entry per round."""
+
+    stats: dict[tuple[str, int], list[Stats]]
+    cpu: dict[tuple[str, int], list[float]]
+
+    def ratio(self, name: str, images: int, baseline: str = "off") -> float:
+        """Median over the rounds of (setting / baseline of the same round), for the
+        shape's figure (req/s for single images, images/s for batches)."""
+        key = dict(SHAPES)[images]
+        pairs = zip(self.stats[name, images], self.stats[baseline, images], strict=True)
+        return float(statistics.median(on[key] / off[key] for on, off in pairs))
+
+    def cpu_ratio(self, name: str, images: int, baseline: str = "off") -> float:
+        pairs = zip(self.cpu[name, images], self.cpu[baseline, images], strict=True)
+        return float(statistics.median(on / off for on, off in pairs))
+
+    def middle(self, name: str, images: int) -> Stats:
+        """The run whose figure is the median (a row's absolute figures)."""
+        key = dict(SHAPES)[images]
+        runs = sorted(self.stats[name, images], key=lambda stats: stats[key])
+        return runs[len(runs) // 2]
+
+    def rows(
+        self, names: dict[str, tuple[str, str, float | None]], clients: int, baseline: str = "off"
+    ) -> list[Row]:
+        """Two rows per setting: `names` maps it to (single row, batch row, target)."""
+        count = len(self.stats[baseline, 1])
+        out: list[Row] = []
+        for name, (first, second, target) in names.items():
+            for label, images, shape in (
+                (first, 1, f"1 image, {clients} clients: req/s"),
+                (second, BATCH, f"batch-{BATCH} uint8, {BATCH_CLIENTS} clients: images/s"),
+            ):
+                figure = shape.rsplit(" ", 1)[1]
+                out.append(
+                    row(label, f"{name}: {shape} / {baseline} {figure} (median of {count} "
+                        "rounds)", self.middle(name, images), baseline,
+                        self.middle(baseline, images), self.ratio(name, images, baseline),
+                        target)
+                )  # fmt: skip
+        return out
+
+
+def rounds(
+    settings: dict[str, list[str]],
+    model_dir: Path,
+    *,
+    count: int,
+    clients: int,
+    seconds: float,
+    after: Callable[[str, Any], None] | None = None,
+) -> Rounds:
+    """Serve with each setting's flags in turn, `count` rounds, and load each server with
+    single images (`clients` clients) then batch-256 (4 clients). Rounds, not one run per
+    setting: a neighbour's burst on a shared machine lands in one round's figures, not in one
+    setting's, and each ratio is a median of same-round ratios. `after(name, server)` runs
+    before each server stops (to read its metrics)."""
+    from mnist_serving.server.launcher import ServerProcess
+
+    stats: dict[tuple[str, int], list[Stats]] = {(n, i): [] for n in settings for i in (1, BATCH)}
+    cpu: dict[tuple[str, int], list[float]] = {(n, i): [] for n in settings for i in (1, BATCH)}
+    for number in range(count):
+        for name, flags in settings.items():
+            server = ServerProcess(model_dir, "--poll-interval", "0", *flags)
+            try:
+                print(f"round {number + 1}: {name} ...", file=sys.stderr)
+                pid = server.process.pid
+                for images in (1, BATCH):
+                    spent = cpu_seconds(pid)
+                    if images == 1:
+                        result = load(server.target, 1, clients, seconds, connections=4)
+                    else:
+                        result = load(server.target, BATCH, BATCH_CLIENTS, seconds)
+                    served = result["images_per_s"] * result["seconds"]
+                    cpu[name, images].append((cpu_seconds(pid) - spent) / served)
+                    stats[name, images].append(result)
+                if after is not None:
+                    after(name, server)
+            finally:
+                server.stop()
+    return Rounds(stats, cpu)
 
 
 def rss_mb(pid: int) -> float:

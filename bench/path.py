@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import re
 import time
 import urllib.request
@@ -37,7 +36,7 @@ from mnist_serving.server.launcher import ServerProcess
 from mnist_serving.server.versions import ModelRegistry
 
 from .echo import EchoProcess, EchoServicer
-from .harness import WARMUP, load
+from .harness import WARMUP, cpu_seconds, load
 
 REQUEST = pb.PredictRequest(
     images=pb.Tensor(
@@ -95,12 +94,6 @@ async def in_process(model_dir: Path, calls: int) -> tuple[float, float]:
         return await per_call_us(server_call, calls), await per_call_us(echo_call, calls)
     finally:
         await registry.close()
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system time of every thread of `pid` so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def under_load(target: str, pid: int, clients: int, seconds: float) -> tuple[float, float]:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import statistics
 import sys
 import tempfile
 import threading
@@ -31,15 +30,11 @@ from typing import Any
 import numpy as np
 
 from mnist_serving.server.call_context import Call
-from mnist_serving.server.launcher import ServerProcess
 from mnist_serving.server.prediction_log import PredictionLog
 from mnist_serving.server.runtimes.base import Prediction
 from mnist_serving.server.settings import Settings
 
-from .harness import Row, Stats, load, print_table, row, write_json
-
-BATCH = 256
-BATCH_CLIENTS = 4
+from .harness import BATCH, Row, print_table, rounds, write_json
 
 
 class Receiver:
@@ -70,16 +65,6 @@ class Receiver:
     def stop(self) -> None:
         self.server.shutdown()
         self.server.server_close()
-
-
-def images_of(stats: Stats) -> float:
-    return float(stats["images_per_s"] * stats["seconds"])
-
-
-def cpu_seconds(pid: int) -> float:
-    """User and system CPU time of a process, all its threads (from /proc)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def observe_microseconds(images: int, calls: int, folder: Path) -> float:
@@ -114,89 +99,45 @@ def run(args: argparse.Namespace) -> list[Row]:
         "log url 1.0": ["--prediction-log-url", receiver.url, "--prediction-log-url-batch", "64"],
         "off again": [],  # the noise floor: the same server as the first, run last
     }
-    # Rounds of every setting in turn: each ratio is the median over the rounds of
-    # (setting / off of the same round), so that a neighbour's burst on a shared machine
-    # lands in one round's figures, not in one setting's.
-    # The server's CPU seconds per image served, per run (all its threads): less swayed by
-    # the neighbours of a shared machine than the rates are.
-    cpu: dict[tuple[str, int], list[float]] = {(n, i): [] for n in settings for i in (1, BATCH)}
-    single: dict[str, list[Stats]] = {name: [] for name in settings}
-    batch: dict[str, list[Stats]] = {name: [] for name in settings}
+
+    def dropped(name: str, server: Any) -> None:
+        rows = [
+            value
+            for (metric, _), value in server.scrape().items()
+            if metric == "mnist_prediction_log_dropped_total"
+        ]
+        if any(rows):
+            print(f"  {name}: rows dropped {sum(rows):.0f}", file=sys.stderr)
+
     try:
-        for round_number in range(args.rounds):
-            for name, flags in settings.items():
-                server = ServerProcess(args.model_dir, "--poll-interval", "0", *flags)
-                try:
-                    print(f"round {round_number + 1}: {name} ...", file=sys.stderr)
-                    pid = server.process.pid
-                    spent = cpu_seconds(pid)
-                    stats = load(server.target, 1, args.clients, args.seconds, connections=4)
-                    cpu[name, 1].append((cpu_seconds(pid) - spent) / images_of(stats))
-                    single[name].append(stats)
-                    spent = cpu_seconds(pid)
-                    stats = load(server.target, BATCH, BATCH_CLIENTS, args.seconds)
-                    cpu[name, BATCH].append((cpu_seconds(pid) - spent) / images_of(stats))
-                    batch[name].append(stats)
-                    dropped = [
-                        value
-                        for (metric, _), value in server.scrape().items()
-                        if metric == "mnist_prediction_log_dropped_total"
-                    ]
-                    if any(dropped):
-                        print(f"  {name}: rows dropped {sum(dropped):.0f}", file=sys.stderr)
-                finally:
-                    server.stop()
+        measured = rounds(
+            settings,
+            args.model_dir,
+            count=args.rounds,
+            clients=args.clients,
+            seconds=args.seconds,
+            after=dropped,
+        )
     finally:
         receiver.stop()
     print(f"  CloudEvents POSTs received: {receiver.posts}", file=sys.stderr)
-    for (name, images), runs in cpu.items():
-        off = statistics.median(cpu["off", images])
-        print(
-            f"  server CPU per image, {images}-image calls, {name}: "
-            f"{statistics.median(runs) / off:.2f} x off (median of {len(runs)})",
-            file=sys.stderr,
-        )
-    shutil.rmtree(folder)
-    targets = {
-        "off again": None,
-        "log dir 1.0": 0.9,
-        "log dir 1.0 + inputs": None,
-        "log url 1.0": None,
-    }
-    names = {
-        "off again": ("P0a", "P0b"),
-        "log dir 1.0": ("P1", "P2"),
-        "log dir 1.0 + inputs": ("P3", "P4"),
-        "log url 1.0": ("P5", "P6"),
-    }
-    rows: list[Row] = []
-
-    def median_ratio(runs: dict[str, list[Stats]], name: str, figure: str) -> float:
-        return float(
-            statistics.median(
-                on[figure] / off[figure] for on, off in zip(runs[name], runs["off"], strict=True)
+    for name in settings:
+        for images in (1, BATCH):
+            print(
+                f"  server CPU per image, {images}-image calls, {name}: "
+                f"{measured.cpu_ratio(name, images):.2f} x off (median of {args.rounds})",
+                file=sys.stderr,
             )
-        )
-
-    def middle(runs: list[Stats], figure: str) -> Stats:
-        """The run whose figure is the median (the row's absolute figures)."""
-        return sorted(runs, key=lambda stats: stats[figure])[len(runs) // 2]
-
-    off_single, off_batch = middle(single["off"], "req_per_s"), middle(batch["off"], "images_per_s")
-    for name, target in targets.items():
-        first, second = names[name]
-        rows.append(
-            row(first, f"{name}: 1 image, {args.clients} clients: req/s / off req/s "
-                f"(median of {args.rounds} rounds)", middle(single[name], "req_per_s"), "off",
-                off_single, median_ratio(single, name, "req_per_s"), target)
-        )  # fmt: skip
-        rows.append(
-            row(second, f"{name}: batch-{BATCH} uint8, {BATCH_CLIENTS} clients: images/s / "
-                f"off images/s (median of {args.rounds} rounds)",
-                middle(batch[name], "images_per_s"), "off", off_batch,
-                median_ratio(batch, name, "images_per_s"), target)
-        )  # fmt: skip
-    return rows
+    shutil.rmtree(folder)
+    return measured.rows(
+        {
+            "off again": ("P0a", "P0b", None),
+            "log dir 1.0": ("P1", "P2", 0.9),
+            "log dir 1.0 + inputs": ("P3", "P4", None),
+            "log url 1.0": ("P5", "P6", None),
+        },
+        args.clients,
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
