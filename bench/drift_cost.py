@@ -15,10 +15,8 @@ median of the same round's figure divided by the one with both off:
 from __future__ import annotations
 
 import argparse
-import os
-from pathlib import Path
 
-from .harness import BATCH, Row, print_table, rounds, row, write_json
+from .harness import BATCH, Row, rounds, rounds_main, row
 
 OFF = ["--no-drift", "--feedback-window", "0"]
 
@@ -56,23 +54,7 @@ def run(args: argparse.Namespace) -> list[Row]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m bench.drift_cost", description=__doc__)
-    parser.add_argument("--model-dir", type=Path, required=True, help="e.g. models/mnist")
-    parser.add_argument("--clients", type=int, default=64, help="single-image clients")
-    parser.add_argument("--seconds", type=float, default=5.0, help="measured time per run")
-    parser.add_argument("--rounds", type=int, default=3, help="every setting, this many times")
-    parser.add_argument("--json", type=Path, help="also write one JSON object per row here")
-    args = parser.parse_args(argv)
-    settings = {
-        "seconds_per_run": args.seconds,
-        "clients": args.clients,
-        "rounds": args.rounds,
-        "usable_cpus": len(os.sched_getaffinity(0)),
-    }
-    rows = run(args)
-    print_table(rows, settings)
-    if args.json:
-        write_json(args.json, rows, settings)
+    rounds_main("python -m bench.drift_cost", __doc__, run, argv)
 
 
 if __name__ == "__main__":

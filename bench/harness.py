@@ -468,6 +468,31 @@ class Rounds:
         return out
 
 
+def rounds_main(
+    prog: str, description: str | None, run: Callable[[argparse.Namespace], list[Row]],
+    argv: list[str] | None = None,
+) -> None:  # fmt: skip
+    """The command line of a benchmark made of `rounds()`: --model-dir, --clients,
+    --seconds, --rounds, --json; prints the table of what `run(args)` returns."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("--model-dir", type=Path, required=True, help="e.g. models/mnist")
+    parser.add_argument("--clients", type=int, default=64, help="single-image clients")
+    parser.add_argument("--seconds", type=float, default=5.0, help="measured time per run")
+    parser.add_argument("--rounds", type=int, default=3, help="every setting, this many times")
+    parser.add_argument("--json", type=Path, help="also write one JSON object per row here")
+    args = parser.parse_args(argv)
+    settings = {
+        "seconds_per_run": args.seconds,
+        "clients": args.clients,
+        "rounds": args.rounds,
+        "usable_cpus": len(os.sched_getaffinity(0)),
+    }
+    rows = run(args)
+    print_table(rows, settings)
+    if args.json:
+        write_json(args.json, rows, settings)
+
+
 def rounds(
     settings: dict[str, list[str]],
     model_dir: Path,

@@ -17,7 +17,6 @@ Read the ratios, not the absolute figures.
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import sys
 import tempfile
@@ -34,7 +33,7 @@ from mnist_serving.server.prediction_log import PredictionLog
 from mnist_serving.server.runtimes.base import Prediction
 from mnist_serving.server.settings import Settings
 
-from .harness import BATCH, Row, print_table, rounds, write_json
+from .harness import BATCH, Row, rounds, rounds_main
 
 
 class Receiver:
@@ -141,23 +140,7 @@ def run(args: argparse.Namespace) -> list[Row]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m bench.prediction_log", description=__doc__)
-    parser.add_argument("--model-dir", type=Path, required=True, help="e.g. models/mnist")
-    parser.add_argument("--clients", type=int, default=64, help="single-image clients")
-    parser.add_argument("--seconds", type=float, default=5.0, help="measured time per run")
-    parser.add_argument("--rounds", type=int, default=3, help="every setting, this many times")
-    parser.add_argument("--json", type=Path, help="also write one JSON object per row here")
-    args = parser.parse_args(argv)
-    settings = {
-        "seconds_per_run": args.seconds,
-        "clients": args.clients,
-        "rounds": args.rounds,
-        "usable_cpus": len(os.sched_getaffinity(0)),
-    }
-    rows = run(args)
-    print_table(rows, settings)
-    if args.json:
-        write_json(args.json, rows, settings)
+    rounds_main("python -m bench.prediction_log", __doc__, run, argv)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ pyarrow (the `drift` extra) is imported only here, when a log is read.
 
 from __future__ import annotations
 
-import itertools
 import json
 import logging
 import re
@@ -25,8 +24,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from mnist_serving.contract import NUM_CLASSES
-from mnist_serving.contract.reference import input_statistics
+from mnist_serving.contract.reference import check_reference, input_statistics
 
 from .errors import InputFileError
 
@@ -114,7 +112,9 @@ def read_log(folder: Path) -> PredictionLog:
         if match is None:
             continue
         try:
-            references[int(match.group(1))] = check_reference(json.loads(path.read_text()))
+            references[int(match.group(1))] = check_reference(
+                json.loads(path.read_text()), lenient=True
+            )
         except (OSError, ValueError) as error:
             skipped.append(f"{path.name}: {error}")
     read = len(prediction_files) + len(feedback_files)
@@ -209,36 +209,3 @@ def _empty(extra: str) -> Records:
 def _first_line(error: BaseException) -> str:
     text = str(error).strip().splitlines()
     return text[0] if text else type(error).__name__
-
-
-def check_reference(value: object) -> dict[str, Any]:
-    """The parts of a training reference the report uses, checked; ValueError otherwise."""
-    if not isinstance(value, dict):
-        raise ValueError(f"a reference is a JSON object, not {type(value).__name__}")
-    for key in ("class_distribution", "predicted_distribution"):
-        shares = value.get(key)
-        if not isinstance(shares, list) or len(shares) != NUM_CLASSES:
-            raise ValueError(f"{key} must be a list of {NUM_CLASSES} numbers")
-    _check_histogram(value, "confidence")
-    for key in INPUT_STATISTICS:  # optional: compared when the log holds inputs
-        if key in value:
-            _check_histogram(value, key)
-    return value
-
-
-INPUT_STATISTICS = ("mean_intensity", "ink_fraction")
-
-
-def _check_histogram(reference: dict[str, Any], key: str) -> None:
-    histogram = reference.get(key)
-    if not isinstance(histogram, dict):
-        raise ValueError(f"{key} must be an object with edges and fractions")
-    edges, fractions = histogram.get("edges"), histogram.get("fractions")
-    if (
-        not isinstance(edges, list)
-        or not isinstance(fractions, list)
-        or len(edges) < 2
-        or len(fractions) != len(edges) - 1
-        or any(b <= a for a, b in itertools.pairwise(edges))
-    ):
-        raise ValueError(f"{key} needs increasing edges and one fraction per bin")

@@ -134,8 +134,10 @@ def js_divergence(p: Sequence[float] | np.ndarray, q: Sequence[float] | np.ndarr
     return max(0.0, (kl(a) + kl(b)) / 2)
 
 
-def check_reference(value: object) -> dict[str, Any]:
-    """The reference as read from metrics.json, or ValueError saying what is wrong with it."""
+def check_reference(value: object, *, lenient: bool = False) -> dict[str, Any]:
+    """The reference as read from metrics.json, or ValueError saying what is wrong with it.
+    `lenient` (a reader of a prediction log): the input statistics and the threshold may be
+    missing, and are checked where present."""
     if not isinstance(value, Mapping):
         raise ValueError(f"the reference is a {type(value).__name__}, not an object")
     reference = dict(value)
@@ -144,6 +146,8 @@ def check_reference(value: object) -> dict[str, Any]:
         if not isinstance(shares_, list) or len(shares_) != NUM_CLASSES:
             raise ValueError(f"{key} must be a list of {NUM_CLASSES} numbers")
     for key in ("confidence", "mean_intensity", "ink_fraction"):
+        if lenient and key != "confidence" and key not in reference:
+            continue
         hist = reference.get(key)
         if not isinstance(hist, Mapping):
             raise ValueError(f"{key} must be an object with edges and fractions")
@@ -157,6 +161,8 @@ def check_reference(value: object) -> dict[str, Any]:
         ):
             raise ValueError(f"{key}: edges must increase and there must be one fraction per bin")
     threshold = reference.get("low_confidence_threshold")
+    if lenient and threshold is None:
+        return reference
     if not isinstance(threshold, (int, float)) or not 0 < threshold <= 1:
         raise ValueError("low_confidence_threshold must be a number in (0, 1]")
     return reference
