@@ -127,7 +127,7 @@ def test_window_keeps_the_last_images_and_counts_every_one() -> None:
     )
     version = 987654  # a series of its own in this process's registry
     histogram = metrics.PREDICTION_CONFIDENCE.labels(str(version))
-    window = VersionWindow(version, reference, 1000, 10)
+    window = VersionWindow(version, reference, 1000, 10, input_sample=None)
     sent: list[np.ndarray] = []
     top: list[np.ndarray] = []
     for count in (1, 5, 300, 999, 17, 1000, 2500, 3, 700, 450, 1):
@@ -616,3 +616,32 @@ def test_an_unloaded_version_leaves_the_page() -> None:
     registry.served = registry.served[1:]
     quality.refresh()
     assert gauge(with_reference) is None
+
+
+def test_input_statistics_of_a_large_flush_come_from_an_even_sample() -> None:
+    """A flush of more than `input_sample` images derives the input statistics of about
+    that many, evenly spaced (NaN for the rest); the confidence still counts every image."""
+    rng = np.random.default_rng(2)
+    reference = build_reference(
+        rng.integers(0, 256, (100, 28, 28), dtype=np.uint8),
+        rng.integers(0, 10, 100),
+        rng.dirichlet(np.ones(10), 100),
+    )
+    version = 987655
+    window = VersionWindow(version, reference, 4000, 10, input_sample=100)
+    images = rng.integers(0, 256, (3000, 28, 28), dtype=np.uint8)
+    prediction = _prediction(rng, 3000)
+    window.add(as_pixels(images), prediction.probabilities, prediction.classes)
+    window.refresh()
+    derived = ~np.isnan(window.intensity[:3000])
+    assert np.count_nonzero(derived) == 100
+    np.testing.assert_array_equal(np.flatnonzero(derived), np.arange(0, 3000, 30))
+    np.testing.assert_allclose(
+        window.intensity[:3000][derived], input_statistics(images[::30])[0], rtol=1e-6
+    )
+    intensity = metrics.INPUT_MEAN_INTENSITY.labels(str(version))
+    assert sum(bucket.get() for bucket in intensity._buckets) == 100
+    confidence = metrics.PREDICTION_CONFIDENCE.labels(str(version))
+    assert sum(bucket.get() for bucket in confidence._buckets) == 3000
+    signals = window.signals()
+    assert all(np.isfinite(value) for value in signals.values())
