@@ -205,11 +205,13 @@ PREDICTION_CONFIDENCE = Histogram(
     ["version"], namespace=NAMESPACE, buckets=CONFIDENCE_EDGES[1:-1],
 )  # fmt: skip
 INPUT_MEAN_INTENSITY = Histogram(
-    "input_mean_intensity", "Mean pixel of each input image in [0, 1], by model version.",
+    "input_mean_intensity", "Mean pixel of input images in [0, 1] (an even sample of at most "
+    "1,024 per drift flush), by model version.",
     ["version"], namespace=NAMESPACE, buckets=MEAN_INTENSITY_EDGES[1:-1],
 )  # fmt: skip
 INPUT_INK_FRACTION = Histogram(
-    "input_ink_fraction", "Share of each input image's pixels above 0.5, by model version.",
+    "input_ink_fraction", "Share of input images' pixels above 0.5 (an even sample of at most "
+    "1,024 per drift flush), by model version.",
     ["version"], namespace=NAMESPACE, buckets=INK_FRACTION_EDGES[1:-1],
 )  # fmt: skip
 
