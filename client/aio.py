@@ -132,23 +132,7 @@ class AsyncMnistClient(ClientSettings):
         total = FeedbackResult()
         try:
             for offset, request in feedback_requests(labels, chunk_size):
-
-                async def attempt(
-                    index: int,
-                    deadline: float | None,
-                    request: predict_pb2.FeedbackRequest = request,
-                ) -> predict_pb2.FeedbackResponse:
-                    response: predict_pb2.FeedbackResponse = await self._next(
-                        self._stubs[index]
-                    ).Feedback(
-                        request,
-                        timeout=deadline,
-                        metadata=self._metadata(),
-                        wait_for_ready=self.wait_for_ready,
-                    )
-                    return response
-
-                response = await self._call(attempt, timeout)
+                response = await self._unary(lambda stub: stub.Feedback, request, timeout)
                 total += FeedbackResult.from_proto(response, offset)
         except grpc.RpcError as error:
             raise partial_failure(from_rpc_error(error), total) from error
@@ -158,22 +142,24 @@ class AsyncMnistClient(ClientSettings):
 
     async def metadata(self, *, timeout: float | None = None) -> ModelMetadata:
         request = predict_pb2.GetModelMetadataRequest(name=self.model_name)
+        response = await self._unary(lambda stub: stub.GetModelMetadata, request, timeout)
+        return ModelMetadata.from_proto(response)
 
-        async def attempt(
-            index: int, deadline: float | None
-        ) -> predict_pb2.GetModelMetadataResponse:
-            response: predict_pb2.GetModelMetadataResponse = await self._next(
-                self._stubs[index]
-            ).GetModelMetadata(
+    async def _unary(
+        self, method: Callable[[predict_pb2_grpc.MnistServiceStub], Any], request: Any,
+        timeout: float | None,
+    ) -> Any:  # fmt: skip
+        """See MnistClient._unary."""
+
+        async def attempt(index: int, deadline: float | None) -> Any:
+            return await method(self._next(self._stubs[index]))(
                 request,
                 timeout=deadline,
                 metadata=self._metadata(),
                 wait_for_ready=self.wait_for_ready,
             )
-            return response
 
-        response = await self._call(attempt, timeout)
-        return ModelMetadata.from_proto(response)
+        return await self._call(attempt, timeout)
 
     async def health(self, service: str = SERVICE_NAME, *, timeout: float | None = None) -> str:
         request = health_pb2.HealthCheckRequest(service=service)

@@ -430,17 +430,7 @@ class MnistClient(ClientSettings):
         total = FeedbackResult()
         try:
             for offset, request in feedback_requests(labels, chunk_size):
-                response = self._call(
-                    lambda index, deadline, request=request: self._next(  # type: ignore[misc]
-                        self._stubs[index]
-                    ).Feedback(
-                        request,
-                        timeout=deadline,
-                        metadata=self._metadata(),
-                        wait_for_ready=self.wait_for_ready,
-                    ),
-                    timeout,
-                )
+                response = self._unary(lambda stub: stub.Feedback, request, timeout)
                 total += FeedbackResult.from_proto(response, offset)
         except grpc.RpcError as error:
             raise partial_failure(from_rpc_error(error), total) from error
@@ -450,8 +440,17 @@ class MnistClient(ClientSettings):
 
     def metadata(self, *, timeout: float | None = None) -> ModelMetadata:
         request = predict_pb2.GetModelMetadataRequest(name=self.model_name)
-        response = self._call(
-            lambda index, deadline: self._next(self._stubs[index]).GetModelMetadata(
+        response = self._unary(lambda stub: stub.GetModelMetadata, request, timeout)
+        return ModelMetadata.from_proto(response)
+
+    def _unary(
+        self, method: Callable[[predict_pb2_grpc.MnistServiceStub], Any], request: Any,
+        timeout: float | None,
+    ) -> Any:  # fmt: skip
+        """One unary MnistService call with the client's metadata (no per-call class or
+        request ID), routed and retried like every call: `method` picks it from a stub."""
+        return self._call(
+            lambda index, deadline: method(self._next(self._stubs[index]))(
                 request,
                 timeout=deadline,
                 metadata=self._metadata(),
@@ -459,7 +458,6 @@ class MnistClient(ClientSettings):
             ),
             timeout,
         )
-        return ModelMetadata.from_proto(response)
 
     def health(self, service: str = SERVICE_NAME, *, timeout: float | None = None) -> str:
         """The serving status of `service` ("" = the whole server): "SERVING",
