@@ -16,6 +16,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
+from mnist_serving.contract.reference import REFERENCE_KEY
+
 from . import cpus, fds, tls, tracing
 from .access_log import AccessLog
 from .admission import Admission
@@ -222,11 +224,8 @@ class ModelServer:
 
     def _reference_of(self, version: int) -> dict[str, Any] | None:
         """The training reference in a loaded version's metrics.json (None without one)."""
-        for served in self.registry.served:
-            if served.version == version:
-                reference = served.model.report.get("reference")
-                return reference if isinstance(reference, dict) else None
-        return None
+        reference = self.registry.report_of(version).get(REFERENCE_KEY)
+        return reference if isinstance(reference, dict) else None
 
     async def start(self) -> None:
         """Load the model, then open the ports; health says SERVING only once ready.

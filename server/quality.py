@@ -285,10 +285,7 @@ class Quality:
         """Labels are live accuracy's business (server/feedback.py), not drift's."""
 
     def _open(self, version: int) -> VersionWindow | None:
-        report: Mapping[str, Any] = {}
-        for served in self.registry.served:
-            if served.version == version:
-                report = served.model.report or {}
+        report = self.registry.report_of(version)
         if REFERENCE_KEY not in report:
             logger.info(
                 "no training reference in this version's metrics.json: no drift signals",

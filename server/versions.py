@@ -24,6 +24,7 @@ from collections.abc import Iterable
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -144,6 +145,11 @@ class ModelRegistry:
     def loading(self) -> bool:
         """A load is running on the loader thread (possibly one nobody waits for any more)."""
         return self._loading is not None
+
+    def report_of(self, version: int) -> dict[str, Any]:
+        """A loaded version's training report (its metrics.json); {} when it is not loaded."""
+        served = self._served.get(version)
+        return {} if served is None else served.model.report or {}
 
     def resolve(self, name: str, version: int) -> ServedVersion:
         """The version a request addresses: `version` 0 means the newest loaded one."""

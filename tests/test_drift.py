@@ -537,6 +537,16 @@ def test_workers_show_drift_and_join_feedback_sent_on_the_same_channel(
         assert correct >= 0.95 * WINDOW
 
 
+class StandInRegistry:
+    """What Quality reads of a ModelRegistry: the served versions and their reports."""
+
+    def __init__(self, served: list[Any]) -> None:
+        self.served = served
+
+    def report_of(self, version: int) -> dict[str, Any]:
+        return next((s.model.report for s in self.served if s.version == version), {})
+
+
 def test_drift_sample_rate_leaves_unsampled_calls_out() -> None:
     """--drift-sample-rate: a call not drawn never reaches a window; at 1.0 every one does."""
     from types import SimpleNamespace
@@ -554,7 +564,7 @@ def test_drift_sample_rate_leaves_unsampled_calls_out() -> None:
     served = SimpleNamespace(
         version=version, model=SimpleNamespace(report={"reference": reference})
     )
-    registry: Any = SimpleNamespace(served=[served])
+    registry: Any = StandInRegistry([served])
     images = rng.integers(0, 256, (3, 28, 28), dtype=np.uint8)
     prediction = _prediction(rng, 3)
     call = Call("native", "Predict", request_id="r")
@@ -583,8 +593,8 @@ def test_an_unloaded_version_leaves_the_page() -> None:
         rng.dirichlet(np.ones(10), 100),
     )
     with_reference, without = 987656, 987657
-    registry: Any = SimpleNamespace(
-        served=[
+    registry: Any = StandInRegistry(
+        [
             SimpleNamespace(
                 version=with_reference, model=SimpleNamespace(report={"reference": reference})
             ),
@@ -627,7 +637,7 @@ def test_input_statistics_of_a_large_flush_come_from_an_even_sample() -> None:
         rng.integers(0, 10, 100),
         rng.dirichlet(np.ones(10), 100),
     )
-    version = 987655
+    version = 987658  # a series of its own
     window = VersionWindow(version, reference, 4000, 10, input_sample=100)
     images = rng.integers(0, 256, (3000, 28, 28), dtype=np.uint8)
     prediction = _prediction(rng, 3000)
