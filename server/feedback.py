@@ -25,13 +25,12 @@ import numpy as np
 from mnist_serving.contract import NUM_CLASSES
 
 from . import metrics
-from .call_context import Call
+from .call_context import MAX_REQUEST_ID, Call
 from .errors import InvalidInput
 from .observers import Labelled
 from .runtimes.base import Prediction
 
 MAX_LABELS = 10_000  # per feedback call
-MAX_REQUEST_ID = 128  # characters, as for the x-request-id callers may send
 
 
 @dataclass(frozen=True, slots=True)

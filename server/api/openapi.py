@@ -23,6 +23,7 @@ from aiohttp import web
 
 from mnist_serving.contract import INPUT_NAME, NUM_CLASSES, OUTPUTS, SIGNATURES
 
+from ..call_context import MAX_REQUEST_ID
 from ..errors import (
     HTTP_STATUS_OF,
     INTERNAL_MESSAGE,
@@ -38,7 +39,7 @@ from ..errors import (
     ShuttingDown,
     Unauthenticated,
 )
-from ..feedback import MAX_LABELS, MAX_REQUEST_ID
+from ..feedback import MAX_LABELS
 from . import rest
 from . import v2_codec as codec
 
